@@ -1,0 +1,39 @@
+"""The small models shipped inside the package, so every command works offline with no ``--model``.
+
+They are ordinary checkpoint folders under ``phi_core/assets/``, found through ``importlib.resources`` so they
+work from an installed wheel as well as from a checkout.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from phi_core.errors import CheckpointError
+
+# name -> (folder under assets/, what it is)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "tiny": ("tiny", "causal LM trained on the Python standard library"),
+    "tiny-classifier": ("tiny-classifier", "sequence classifier: which kind of stdlib snippet"),
+    "tiny-tagger": ("tiny-tagger", "token tagger: Python token kinds"),
+}
+DEFAULT_FOR_TASK = {
+    "causal-lm": "tiny",
+    "sequence-classification": "tiny-classifier",
+    "token-classification": "tiny-tagger",
+}
+
+
+def embedded_model_path(name: str) -> Path | None:
+    """The folder of embedded model ``name``, or None when ``name`` is not an embedded model's name."""
+    if name not in EMBEDDED_MODELS:
+        return None
+    folder = Path(str(resources.files("phi_core") / "assets" / EMBEDDED_MODELS[name][0]))
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"embedded model {name!r} is not built in this installation (run `make tiny-model`)")
+    return folder
+
+
+def tokenizer_assets() -> Path:
+    """The real Phi-1.5 tokenizer files shipped with the package."""
+    return Path(str(resources.files("phi_core") / "assets" / "tokenizer"))

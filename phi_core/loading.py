@@ -1,0 +1,227 @@
+"""Finding a checkpoint (local folder, embedded model or Hub repo), reading its weights safely, and building
+the model around them with about one copy of the weights in memory.
+
+Weights are read from ``model.safetensors``, sharded safetensors (``model.safetensors.index.json``) or
+``pytorch_model.bin`` through ``torch.load(weights_only=True)``, which refuses any pickle that would run code.
+Python files that come with a checkpoint are never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from phi_core.attention import check_backend
+from phi_core.config import PhiConfig
+from phi_core.convert import to_current_layout
+from phi_core.errors import CheckpointError
+from phi_core.model import TASK_MODELS, PhiPreTrained
+from phi_core.tokenizer import TOKENIZER_FILES, PhiTokenizer, tokenizer_from_folder
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float16"``/``"bfloat16"`` (or the torch dtype itself) as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, float16 or bfloat16)")
+    return DTYPES[dtype]
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    task: str = "causal-lm",
+    dtype: str | torch.dtype = "float32",
+    attn: str = "sdpa",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> PhiPreTrained:
+    """Load a Phi checkpoint for ``task`` (``causal-lm``, ``sequence-classification``, ``token-classification``).
+
+    ``source`` is a local folder, the name of an embedded model, or a Hub repo id (downloaded into the standard
+    Hugging Face cache; ``HF_HUB_OFFLINE=1`` is honoured). The model is built on the meta device and the
+    checkpoint tensors are assigned into it one by one, cast to ``dtype`` on the way.
+    """
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r} (choose one of {', '.join(TASK_MODELS)})")
+    torch_dtype = resolve_dtype(dtype)
+    check_backend(attn, device, torch_dtype)
+    folder = resolve_source(source, revision, weights=True)
+    config = PhiConfig.from_json_file(folder / "config.json")
+    state = to_current_layout(read_state_dict(folder), config, task, folder)
+    with torch.device("meta"):
+        model = TASK_MODELS[task](config)
+    _assign_weights(model, state, torch_dtype, folder)
+    model.to(device)
+    model.set_attention_backend(attn)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) -> PhiTokenizer:
+    """Load the CodeGen tokenizer of a checkpoint folder, embedded model or Hub repo."""
+    return tokenizer_from_folder(resolve_source(source, revision, weights=False))
+
+
+def resolve_source(source: str | os.PathLike[str], revision: str | None, weights: bool) -> Path:
+    """A local folder holding the checkpoint: the folder itself, an embedded model, or a Hub snapshot."""
+    from phi_core.embedded import embedded_model_path
+
+    embedded = embedded_model_path(str(source))
+    if embedded is not None:
+        return embedded
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; give the checkpoint's folder")
+    text = str(source)
+    if text.startswith((".", "/", "~")) or not _REPO_ID.match(text):
+        raise CheckpointError(f"{text}: no such folder (and not a Hub repo id)")
+    return _download(text, revision, weights)
+
+
+def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
+    """Fetch only the files a Phi checkpoint needs, preferring safetensors over pickles."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        if weights:
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+            if not any(folder.glob("*.safetensors")):
+                folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["pytorch_model*"]))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: not in the local Hugging Face cache, and the Hub cannot be reached (offline?)"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{repo_id}: download failed ({_first_line(exc)})") from None
+    return folder
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, on the CPU, in their stored dtype."""
+    return dict(iter_tensors(folder))
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, so a converter can hold one tensor at a time."""
+    if (folder / SAFETENSORS_INDEX).is_file():
+        for shard in _shards(folder / SAFETENSORS_INDEX):
+            yield from _safetensors_tensors(shard)
+    elif (folder / SAFETENSORS).is_file():
+        yield from _safetensors_tensors(folder / SAFETENSORS)
+    elif (folder / PICKLE_INDEX).is_file():
+        for shard in _shards(folder / PICKLE_INDEX):
+            yield from _pickle_tensors(shard)
+    elif (folder / PICKLE).is_file():
+        yield from _pickle_tensors(folder / PICKLE)
+    else:
+        raise CheckpointError(
+            f"{folder}: no weights file ({SAFETENSORS}, {SAFETENSORS_INDEX}, {PICKLE} or {PICKLE_INDEX})"
+        )
+
+
+def _shards(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({_first_line(exc)})") from None
+    shards = [index_path.parent / name for name in names]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: lists {shard.name}, which is missing")
+    return shards
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                yield key, handle.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _pickle_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: it holds more than tensors (weights_only=True; {_first_line(exc)})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: does not hold a flat dict of tensors")
+    yield from state.items()
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def _assign_weights(
+    model: PhiPreTrained, state: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path
+) -> None:
+    """Check names and shapes against the model, then assign the tensors (cast to ``dtype``) in place."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:
+        state.pop("lm_head.weight", None)  # tied heads reuse the embedding; a stored copy is redundant
+        expected.pop("lm_head.weight")
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the config: {_describe_mismatch(missing, unexpected)}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{folder}: {name} has shape {list(tensor.shape)}, the config implies {list(expected[name])}"
+            )
+    # Cast while popping, so an original and its cast copy coexist for one tensor at a time.
+    cast = {name: state.pop(name).to(dtype) for name in list(state)}
+    model.load_state_dict(cast, strict=not tied, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_few(unexpected)}")
+    return "; ".join(parts)
+
+
+def _few(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,264 @@
+"""The Phi decoder and its three heads, written out in plain PyTorch.
+
+A block is parallel: one LayerNorm feeds both attention and the MLP, and both outputs are added to the
+residual. Submodules are named exactly like the keys of a current (transformers >= 4.37) checkpoint, so loading
+needs no renames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi_core.attention import AttentionMask, attention_function, check_backend
+from phi_core.cache import KVCache
+from phi_core.config import PhiConfig
+from phi_core.errors import PhiError
+from phi_core.rotary import apply_rotary, rotary_angles
+
+
+@dataclass
+class CausalLMOutput:
+    """Next-token logits, (batch, seq, vocab); (batch, 1, vocab) when only the last position was asked for."""
+
+    logits: torch.Tensor
+
+
+@dataclass
+class SequenceClassifierOutput:
+    """One row of label logits per sequence, (batch, num_labels), read at each row's last real token."""
+
+    logits: torch.Tensor
+
+
+@dataclass
+class TokenClassifierOutput:
+    """Label logits for every token, (batch, seq, num_labels)."""
+
+    logits: torch.Tensor
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Phi's ``gelu_new`` is the tanh approximation of GELU; plain ``gelu`` is the exact (erf) one."""
+    return F.gelu(x) if name == "gelu" else F.gelu(x, approximate="tanh")
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, config: PhiConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
+        self.qk_layernorm = config.qk_layernorm
+        if config.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        self.backend = "sdpa"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, new, _ = x.shape
+        q = self.q_proj(x).view(batch, new, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        return self.dense(attention_function(self.backend)(q, k, v, mask))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.act = config.hidden_act
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+
+class PhiDecoderLayer(nn.Module):
+    def __init__(self, config: PhiConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PhiAttention(config, layer_index)
+        self.mlp = PhiMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        return x + self.self_attn(h, rotary, mask, cache) + self.mlp(h)
+
+
+class PhiModel(nn.Module):
+    """Embeddings, the decoder layers and the final LayerNorm: token ids in, hidden states out."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (batch, new, hidden) for ``input_ids`` (batch, new).
+
+        ``attention_mask`` (batch, past + new), 1 for real tokens and 0 for padding, covers the cached positions
+        too. Positions are counted over real tokens only, so a left-padded row matches the same row unpadded;
+        pass ``positions`` (batch, new) to skip that count when the caller already knows them.
+        """
+        past = cache.length if cache is not None else 0
+        new = input_ids.shape[1]
+        key_valid = _key_valid(attention_mask, input_ids.shape[0], past + new)
+        if positions is None:
+            positions = _positions(key_valid, input_ids.shape[0], past, new, input_ids.device)
+        seq_len = past + new
+        if self.config.rope_scaling is not None and key_valid is not None:
+            seq_len = int(positions.max()) + 1
+        rotary = rotary_angles(self.config, positions, seq_len)
+        mask = AttentionMask(key_valid=key_valid, new=new, total=past + new, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, rotary, mask, cache)
+        if cache is not None:
+            cache.advance(new)
+        return self.final_layernorm(x)
+
+
+class PhiPreTrained(nn.Module):
+    """What the three heads share: the config, the decoder, and the attention backend switch."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = PhiModel(config)
+
+    @property
+    def attention_backend(self) -> str:
+        return self.model.layers[0].self_attn.backend
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use backend ``name`` from now on; raises if it cannot run with this model's device and dtype."""
+        param = next(self.parameters())
+        check_backend(name, param.device, param.dtype)
+        for layer in self.model.layers:
+            layer.self_attn.backend = name
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A KV cache on this model's device and dtype for ``batch_size`` rows of up to ``max_length`` tokens."""
+        param = next(self.parameters())
+        return KVCache(self.config, batch_size, max_length, param.dtype, param.device)
+
+
+class PhiForCausalLM(PhiPreTrained):
+    """The language model: decoder, then ``lm_head`` (with bias) over the vocabulary."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for every position, or with ``last_only`` for the last one (all generation needs)."""
+        hidden = self.model(input_ids, attention_mask, cache, positions)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return CausalLMOutput(logits=self.lm_head(hidden))
+
+
+class PhiForSequenceClassification(PhiPreTrained):
+    """One label distribution per sequence, from ``score`` (no bias) at the row's last real token."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        hidden = self.model(input_ids, attention_mask)
+        last = last_real_index(attention_mask, input_ids.shape[1]).to(hidden.device)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return SequenceClassifierOutput(logits=self.score(pooled))
+
+
+class PhiForTokenClassification(PhiPreTrained):
+    """A label distribution per token, from ``score`` (with bias)."""
+
+    def __init__(self, config: PhiConfig) -> None:
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TokenClassifierOutput:
+        return TokenClassifierOutput(logits=self.score(self.model(input_ids, attention_mask)))
+
+
+TASK_MODELS: dict[str, type[PhiPreTrained]] = {
+    "causal-lm": PhiForCausalLM,
+    "sequence-classification": PhiForSequenceClassification,
+    "token-classification": PhiForTokenClassification,
+}
+
+
+def last_real_index(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+    """Index of each row's rightmost real token (works for left and right padding); the last one if no mask."""
+    if attention_mask is None:
+        return torch.tensor([seq_len - 1])
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (columns * (attention_mask != 0)).argmax(dim=1)
+
+
+def _key_valid(attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
+    """The mask as booleans, or None when every token is real (so backends can take their fast paths)."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != (batch, total):
+        raise PhiError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new) = "
+            f"({batch}, {total})"
+        )
+    valid = attention_mask != 0
+    return None if bool(valid.all()) else valid
+
+
+def _positions(
+    key_valid: torch.Tensor | None, batch: int, past: int, new: int, device: torch.device
+) -> torch.Tensor:
+    if key_valid is None:
+        return torch.arange(past, past + new, device=device).expand(batch, new)
+    counts = torch.cumsum(key_valid, dim=1) - 1
+    return counts[:, past:].clamp(min=0)
