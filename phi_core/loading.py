@@ -127,13 +127,13 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, so a converter can hold one tensor at a time."""
     if (folder / SAFETENSORS_INDEX).is_file():
-        for shard in _shards(folder / SAFETENSORS_INDEX):
-            yield from _safetensors_tensors(shard)
+        for shard, keys in _shards(folder / SAFETENSORS_INDEX).items():
+            yield from _safetensors_tensors(shard, keys)
     elif (folder / SAFETENSORS).is_file():
         yield from _safetensors_tensors(folder / SAFETENSORS)
     elif (folder / PICKLE_INDEX).is_file():
-        for shard in _shards(folder / PICKLE_INDEX):
-            yield from _pickle_tensors(shard)
+        for shard, keys in _shards(folder / PICKLE_INDEX).items():
+            yield from ((k, v) for k, v in _pickle_tensors(shard) if k in keys)
     elif (folder / PICKLE).is_file():
         yield from _pickle_tensors(folder / PICKLE)
     else:
@@ -142,24 +142,27 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         )
 
 
-def _shards(index_path: Path) -> list[Path]:
+def _shards(index_path: Path) -> dict[Path, set[str]]:
+    """Each shard file of an index with the tensor names the index takes from it (a shard may hold more)."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
+        shards: dict[Path, set[str]] = {}
+        for key, name in sorted(weight_map.items()):
+            shards.setdefault(index_path.parent / name, set()).add(key)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid shard index ({_first_line(exc)})") from None
-    shards = [index_path.parent / name for name in names]
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"{index_path}: lists {shard.name}, which is missing")
     return shards
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                yield key, handle.get_tensor(key)
+                if keys is None or key in keys:
+                    yield key, handle.get_tensor(key)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
 

@@ -251,7 +251,7 @@ def _key_valid(attention_mask: torch.Tensor | None, batch: int, total: int) -> t
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new) = "
             f"({batch}, {total})"
         )
-    valid = attention_mask != 0
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     return None if bool(valid.all()) else valid
 
 

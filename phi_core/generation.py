@@ -1,0 +1,331 @@
+"""Text generation: one prefill, then one token per step, yielded as it is chosen.
+
+The same generator serves the CLI, streaming and the benchmarks. Prompts of a batch are left-padded; each row
+finishes on its own (end of text, a stop string, or the length limit) and is then dropped from the batch, so
+it stops costing compute. Sampling is a chain of small pure functions that take an explicit
+``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from phi_core.cache import KVCache
+from phi_core.errors import PhiError
+from phi_core.model import PhiForCausalLM
+from phi_core.tokenizer import PhiTokenizer
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+# Sampling ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. ``temperature == 0`` is greedy (argmax); filters apply in the order
+    repetition penalty, temperature, top-k, top-p, min-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in the row: positive logits divided, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask all but the ``k`` largest logits of each row (``k == 0``: keep all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least ``p`` (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the most likely token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def next_token_distribution(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities the sampler draws from, after every filter (``temperature > 0`` only)."""
+    logits = penalize_repetition(logits.float(), seen, params.repetition_penalty)
+    logits = logits / params.temperature
+    logits = keep_min_p(keep_top_p(keep_top_k(logits, params.top_k), params.top_p), params.min_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def choose_tokens(
+    logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """One token id per row of ``logits`` (rows, vocab)."""
+    if params.temperature == 0.0:
+        return penalize_repetition(logits.float(), seen, params.repetition_penalty).argmax(dim=-1)
+    probs = next_token_distribution(logits, seen, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# Text assembly ----------------------------------------------------------------------------------------------
+class TextStream:
+    """Turns one row's tokens into printable text deltas.
+
+    Bytes of a character split over several tokens are held until the character is complete, and text that
+    could be the start of a stop string is held until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer: PhiTokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text safe to show now, whether a stop string was reached)."""
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush what was held back (an unfinished character becomes U+FFFD)."""
+        self.text += self.decoder.decode(b"", final=True)
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        search_from = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self._emit(len(self.text)), True
+        return self._emit(len(self.text) if final else len(self.text) - self._held_suffix()), False
+
+    def _held_suffix(self) -> int:
+        """Length of the longest end of the text that a stop string starts with."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if stop.startswith(self.text[-size:]):
+                    longest = size
+                    break
+        return longest
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
+
+
+# The generator ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationParams:
+    """When to stop, and how to sample."""
+
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one prompt (``row`` indexes the prompts as given)."""
+
+    row: int
+    token_id: int
+    logprob: float
+    text: str
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of the prefill and of all decode steps (filled in as generation runs)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
+    """The prompt, cut from the left to fit ``context`` when ``truncate``; otherwise an error if too long."""
+    room = context - max_new_tokens
+    if len(ids) <= room:
+        return ids
+    if truncate and room > 0:
+        return ids[len(ids) - room :]
+    raise PhiError(
+        f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceeds the model's context of "
+        f"{context} tokens (use --truncate left to keep the end of the prompt)"
+    )
+
+
+def generate(
+    model: PhiForCausalLM,
+    tokenizer: PhiTokenizer,
+    prompts: list[list[int]],
+    params: GenerationParams,
+    timing: Timing | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield the generated tokens of every prompt, step by step, until each row has finished."""
+    if not prompts or any(not p for p in prompts):
+        raise PhiError("every prompt needs at least one token")
+    timing = timing if timing is not None else Timing()
+    batch = _Batch.start(model, prompts, params.max_new_tokens)
+    generator = torch.Generator(device="cpu")
+    if params.sampling.seed is not None:
+        generator.manual_seed(params.sampling.seed)
+    else:
+        generator.seed()
+    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    counts = [0] * len(prompts)
+    started = time.perf_counter()
+    logits = batch.prefill(model)
+    timing.prefill_s = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    while True:
+        _check_finite(logits)
+        tokens = choose_tokens(logits.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        finished = []
+        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist())):
+            counts[row] += 1
+            reason, text = _advance(streams[row], token, tokenizer.eos_token_id, params, counts[row])
+            if reason is not None:
+                finished.append(slot)
+            yield TokenEvent(row, token, logprob, text, reason)
+        if len(finished) == len(batch.rows):
+            break
+        batch.drop(finished)
+        step_tokens = tokens[[s for s in range(len(tokens)) if s not in set(finished)]]
+        logits = batch.step(model, step_tokens)
+        timing.decode_s = time.perf_counter() - decode_started
+    timing.decode_s = time.perf_counter() - decode_started
+
+
+def _advance(
+    stream: TextStream, token: int, eos: int, params: GenerationParams, count: int
+) -> tuple[FinishReason | None, str]:
+    """Feed one token to its row's text stream; return (finish reason or None, text to show)."""
+    if token == eos and not params.ignore_eos:
+        return "eos", stream.finish()
+    text, stopped = stream.push(token)
+    if stopped:
+        return "stop", text
+    if count >= params.max_new_tokens:
+        return "length", text + stream.finish()
+    return None, text
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        dtype = str(logits.dtype).removeprefix("torch.")
+        raise PhiError(f"the model's logits overflowed to NaN/inf in {dtype}; run with --dtype float32")
+
+
+@dataclass
+class _Batch:
+    """The rows still generating: their KV cache rows, attention mask, next positions and seen tokens."""
+
+    rows: list[int]
+    prompt_ids: torch.Tensor
+    mask: torch.Tensor  # (rows, prompt + max_new) bool, preallocated; a column is set as each token arrives
+    positions: torch.Tensor  # (rows,) position of each row's next token
+    seen: torch.Tensor  # (rows, vocab) bool, for the repetition penalty
+    cache: KVCache
+
+    @classmethod
+    def start(cls, model: PhiForCausalLM, prompts: list[list[int]], max_new: int) -> _Batch:
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width + max_new), dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) : width] = True
+        seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            seen[i, torch.tensor(prompt)] = True
+        return cls(
+            rows=list(range(len(prompts))),
+            prompt_ids=ids.to(device),
+            mask=mask.to(device),
+            positions=torch.tensor([len(p) for p in prompts], device=device),
+            seen=seen.to(device),
+            cache=model.new_cache(len(prompts), width + max_new),
+        )
+
+    def prefill(self, model: PhiForCausalLM) -> torch.Tensor:
+        width = self.prompt_ids.shape[1]
+        mask = self.mask[:, :width]
+        return model(self.prompt_ids, attention_mask=mask, cache=self.cache, last_only=True).logits[:, -1]
+
+    def step(self, model: PhiForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
+        """Record ``tokens`` as the rows' newest tokens and run one decode step on them."""
+        column = self.cache.length
+        self.mask[:, column] = True
+        self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        logits = model(
+            tokens[:, None],
+            attention_mask=self.mask[:, : column + 1],
+            cache=self.cache,
+            positions=self.positions[:, None],
+            last_only=True,
+        ).logits[:, -1]
+        self.positions += 1
+        return logits
+
+    def drop(self, slots: list[int]) -> None:
+        """Remove finished rows (by their slot in the current batch)."""
+        if not slots:
+            return
+        keep = [s for s in range(len(self.rows)) if s not in set(slots)]
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[s] for s in keep]
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.seen = self.seen.index_select(0, index)
+        self.cache.keep_rows(index)
