@@ -29,20 +29,58 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 # Keys that carry no information for inference (training-only values, bookkeeping). Known, so not reported.
 _HF_BOOKKEEPING = frozenset(
     {
-        "architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "use_cache",
-        "initializer_range", "resid_pdrop", "embd_pdrop", "attention_dropout", "classifier_dropout",
-        "token_classification_bias", "return_dict", "output_hidden_states", "output_attentions",
-        "torchscript", "_attn_implementation", "_commit_hash", "use_bfloat16", "finetuning_task",
-        "tokenizer_class", "chunk_size_feed_forward", "is_decoder", "is_encoder_decoder", "label2id",
-        "num_labels", "head_dim",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+        "auto_map",
+        "use_cache",
+        "initializer_range",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attention_dropout",
+        "classifier_dropout",
+        "token_classification_bias",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "_attn_implementation",
+        "_commit_hash",
+        "use_bfloat16",
+        "finetuning_task",
+        "tokenizer_class",
+        "chunk_size_feed_forward",
+        "is_decoder",
+        "is_encoder_decoder",
+        "label2id",
+        "num_labels",
+        "head_dim",
     }
 )
 _REMOTE_BOOKKEEPING = frozenset(
     {
-        "architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "phyagi_version",
-        "initializer_range", "resid_pdrop", "embd_pdrop", "attn_pdrop", "flash_attn", "flash_rotary",
-        "fused_dense", "img_processor", "embd_layer", "architecture", "pad_vocab_size_multiple",
-        "use_cache", "checkpointing", "num_experts_per_tok", "num_local_experts",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+        "auto_map",
+        "phyagi_version",
+        "initializer_range",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "flash_attn",
+        "flash_rotary",
+        "fused_dense",
+        "img_processor",
+        "embd_layer",
+        "architecture",
+        "pad_vocab_size_multiple",
+        "use_cache",
+        "checkpointing",
+        "num_experts_per_tok",
+        "num_local_experts",
     }
 )
 
@@ -219,8 +257,11 @@ class PhiConfig:
             "rope_scaling": (
                 None
                 if self.rope_scaling is None
-                else {"type": self.rope_scaling.kind, "rope_type": self.rope_scaling.kind,
-                      "factor": self.rope_scaling.factor}
+                else {
+                    "type": self.rope_scaling.kind,
+                    "rope_type": self.rope_scaling.kind,
+                    "factor": self.rope_scaling.factor,
+                }
             ),
             "qk_layernorm": self.qk_layernorm,
             "layer_norm_eps": self.layer_norm_eps,
@@ -246,17 +287,48 @@ class PhiConfig:
 # Fields each reader consumes; everything else that is not bookkeeping is reported in ``ignored_keys``.
 _HF_FIELDS = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "partial_rotary_factor", "rope_theta", "rope_scaling", "rope_parameters",
-        "qk_layernorm", "layer_norm_eps", "hidden_act", "max_position_embeddings", "tie_word_embeddings",
-        "pad_token_id", "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "id2label", "problem_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "partial_rotary_factor",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "qk_layernorm",
+        "layer_norm_eps",
+        "hidden_act",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "torch_dtype",
+        "dtype",
+        "id2label",
+        "problem_type",
     }
 )
 _REMOTE_FIELDS = frozenset(
     {
-        "vocab_size", "n_embd", "n_inner", "n_layer", "n_head", "n_head_kv", "rotary_dim", "layer_norm_epsilon",
-        "activation_function", "n_positions", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-        "torch_dtype", "dtype", "pad_vocab_size_multiple",
+        "vocab_size",
+        "n_embd",
+        "n_inner",
+        "n_layer",
+        "n_head",
+        "n_head_kv",
+        "rotary_dim",
+        "layer_norm_epsilon",
+        "activation_function",
+        "n_positions",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "torch_dtype",
+        "dtype",
+        "pad_vocab_size_multiple",
     }
 )
 
@@ -397,8 +469,15 @@ def _read_problem_type(raw: Mapping[str, Any]) -> ProblemType | None:
 
 
 def _validate(config: PhiConfig) -> None:
-    positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings")
+    positive = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    )
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")

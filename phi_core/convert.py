@@ -48,28 +48,34 @@ def _param_rules(prefix: str, names: dict[str, str]) -> dict[str, str]:
 
 
 _REMOTE_BLOCK = {
-    **_param_rules("", {
-        "ln": "input_layernorm",
-        "mixer.out_proj": "self_attn.dense",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-        "mlp.fc_in": "mlp.fc1",
-        "mlp.fc_out": "mlp.fc2",
-        "mlp.mlp.fc1": "mlp.fc1",
-        "mlp.mlp.fc2": "mlp.fc2",
-    }),
+    **_param_rules(
+        "",
+        {
+            "ln": "input_layernorm",
+            "mixer.out_proj": "self_attn.dense",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+            "mlp.fc_in": "mlp.fc1",
+            "mlp.fc_out": "mlp.fc2",
+            "mlp.mlp.fc1": "mlp.fc1",
+            "mlp.mlp.fc2": "mlp.fc2",
+        },
+    ),
     "mixer.rotary_emb.inv_freq": None,
 }
 _REMOTE_QKV = ("mixer.Wqkv.weight", "mixer.Wqkv.bias")
 _HF_BLOCK = {
-    **_param_rules("", {
-        "input_layernorm": "input_layernorm",
-        "self_attn.dense": "self_attn.dense",
-        "self_attn.q_layernorm": "self_attn.q_layernorm",
-        "self_attn.k_layernorm": "self_attn.k_layernorm",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-    }),
+    **_param_rules(
+        "",
+        {
+            "input_layernorm": "input_layernorm",
+            "self_attn.dense": "self_attn.dense",
+            "self_attn.q_layernorm": "self_attn.q_layernorm",
+            "self_attn.k_layernorm": "self_attn.k_layernorm",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+    ),
     "self_attn.rotary_emb.inv_freq": None,
 }
 
@@ -203,9 +209,7 @@ def _match(
     raise CheckpointError(f"{source}: unknown key {key!r} for the {layout.name} layout")
 
 
-def _split(
-    rule: Rule, fused: torch.Tensor, config: PhiConfig, key: str, target: str
-) -> list[tuple[str, torch.Tensor]]:
+def _split(rule: Rule, fused: torch.Tensor, config: PhiConfig, key: str, target: str) -> list[tuple[str, torch.Tensor]]:
     """Split a fused qkv weight or bias into q_proj, k_proj and v_proj."""
     hd, heads, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     suffix = key.rsplit(".", 1)[1]
@@ -221,5 +225,4 @@ def _split(
     else:
         parts = list(torch.split(fused, [heads * hd, kv * hd, kv * hd], dim=0))
     block = target.rsplit("self_attn", 1)[0]
-    return [(f"{block}{name}.{suffix}", part.clone()) for name, part in zip(Q_K_V, parts)]
-
+    return [(f"{block}{name}.{suffix}", part.clone()) for name, part in zip(Q_K_V, parts, strict=True)]

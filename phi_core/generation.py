@@ -231,7 +231,7 @@ def generate(
         tokens = choose_tokens(logits.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
         finished = []
-        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist())):
+        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(), strict=True)):
             counts[row] += 1
             reason, text = _advance(streams[row], token, tokenizer.eos_token_id, params, counts[row])
             if reason is not None:

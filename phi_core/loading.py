@@ -186,9 +186,7 @@ def _is_zip(path: Path) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
-def _assign_weights(
-    model: PhiPreTrained, state: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path
-) -> None:
+def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
     """Check names and shapes against the model, then assign the tensors (cast to ``dtype``) in place."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     tied = model.config.tie_word_embeddings and "lm_head.weight" in expected

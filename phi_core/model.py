@@ -255,9 +255,7 @@ def _key_valid(attention_mask: torch.Tensor | None, batch: int, total: int) -> t
     return None if bool(valid.all()) else valid
 
 
-def _positions(
-    key_valid: torch.Tensor | None, batch: int, past: int, new: int, device: torch.device
-) -> torch.Tensor:
+def _positions(key_valid: torch.Tensor | None, batch: int, past: int, new: int, device: torch.device) -> torch.Tensor:
     if key_valid is None:
         return torch.arange(past, past + new, device=device).expand(batch, new)
     counts = torch.cumsum(key_valid, dim=1) - 1

@@ -118,5 +118,5 @@ def _byte_decoder() -> dict[str, int]:
                 printable.append(byte)
                 stand_ins.append(256 + extra)
                 extra += 1
-        _BYTE_DECODER.update({chr(c): b for b, c in zip(printable, stand_ins)})
+        _BYTE_DECODER.update({chr(c): b for b, c in zip(printable, stand_ins, strict=True)})
     return _BYTE_DECODER

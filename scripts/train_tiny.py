@@ -132,21 +132,26 @@ def full_vocab_loss(model: PhiForCausalLM, stream: torch.Tensor, seq_len: int, b
     with torch.no_grad():
         for chunk in windows.split(8):
             logits = model(chunk[:, :-1]).logits
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+            ).item()
             count += chunk[:, 1:].numel()
     return total / max(count, 1)
 
 
 def train_lm(args: argparse.Namespace) -> dict[str, float]:
-    settings = LMSettings(args.steps, args.batch, args.seq_len, args.lr, args.warmup, args.limit_files,
-                          args.eval_batches)
+    settings = LMSettings(
+        args.steps, args.batch, args.seq_len, args.lr, args.warmup, args.limit_files, args.eval_batches
+    )
     torch.manual_seed(SEED)
     tokenizer = tokenizer_from_folder(TOKENIZER_DIR)
     train_files, held_files = split_files(settings.limit_files)
     train, held = token_stream(tokenizer, train_files), token_stream(tokenizer, held_files)
-    print(f"data: {len(train_files)} train files ({len(train):,} tokens), "
-          f"{len(held_files)} held-out files ({len(held):,} tokens)", flush=True)
+    print(
+        f"data: {len(train_files)} train files ({len(train):,} tokens), "
+        f"{len(held_files)} held-out files ({len(held):,} tokens)",
+        flush=True,
+    )
     active = torch.unique(train)
     remap = torch.zeros(TINY_CONFIG.vocab_size, dtype=torch.long)
     remap[active] = torch.arange(len(active))
@@ -156,7 +161,8 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.95),
+        lr=settings.lr,
+        betas=(0.9, 0.95),
     )
     generator = torch.Generator().manual_seed(SEED)
     start, tokens_seen = time.time(), 0
@@ -174,8 +180,11 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
         tokens_seen += batch[:, 1:].numel()
         if step % 50 == 0 or step == settings.steps:
             elapsed = time.time() - start
-            print(f"step {step}/{settings.steps} loss {loss.item():.3f} lr {lr:.2e} "
-                  f"{tokens_seen / elapsed:,.0f} tok/s {elapsed / 60:.1f} min", flush=True)
+            print(
+                f"step {step}/{settings.steps} loss {loss.item():.3f} lr {lr:.2e} "
+                f"{tokens_seen / elapsed:,.0f} tok/s {elapsed / 60:.1f} min",
+                flush=True,
+            )
     model.eval()
     with torch.no_grad():
         unseen = torch.ones(TINY_CONFIG.vocab_size, dtype=torch.bool)
@@ -195,8 +204,9 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
     }
     print(json.dumps(metrics), flush=True)
     save_model(model, Path(args.out), "causal-lm", dtype=torch.float16, tokenizer_dir=TOKENIZER_DIR, force=True)
-    (Path(args.out) / "training.json").write_text(json.dumps({"settings": vars(args), **metrics}, indent=2,
-                                                             default=str) + "\n")
+    (Path(args.out) / "training.json").write_text(
+        json.dumps({"settings": vars(args), **metrics}, indent=2, default=str) + "\n"
+    )
     return metrics
 
 
@@ -245,8 +255,7 @@ def _tag_of(token: tokenize.TokenInfo) -> str | None:
     names = {tokenize.STRING: "STRING", tokenize.NUMBER: "NUMBER", tokenize.COMMENT: "COMMENT", tokenize.OP: "OP"}
     if kind in names:
         return names[kind]
-    if sys.version_info >= (3, 12) and kind in (tokenize.FSTRING_START, tokenize.FSTRING_MIDDLE,
-                                                 tokenize.FSTRING_END):
+    if sys.version_info >= (3, 12) and kind in (tokenize.FSTRING_START, tokenize.FSTRING_MIDDLE, tokenize.FSTRING_END):
         return "STRING"
     return None
 
@@ -365,11 +374,22 @@ def train_heads(args: argparse.Namespace) -> dict[str, float]:
     }
     print(json.dumps(metrics), flush=True)
     out_dir = Path(args.out_dir)
-    save_head(out_dir / "tiny-tagger", base_dir, model.config.with_labels(list(TAGS)), tagger,
-              "token-classification", bias=True)
-    save_head(out_dir / "tiny-classifier", base_dir,
-              model.config.with_labels(list(KINDS), "single_label_classification"), classifier,
-              "sequence-classification", bias=False)
+    save_head(
+        out_dir / "tiny-tagger",
+        base_dir,
+        model.config.with_labels(list(TAGS)),
+        tagger,
+        "token-classification",
+        bias=True,
+    )
+    save_head(
+        out_dir / "tiny-classifier",
+        base_dir,
+        model.config.with_labels(list(KINDS), "single_label_classification"),
+        classifier,
+        "sequence-classification",
+        bias=False,
+    )
     (out_dir / "tiny-tagger" / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -388,8 +408,10 @@ def save_head(folder: Path, base_dir: Path, config: PhiConfig, head: torch.nn.Li
         with safe_open(str(base_dir / "model.safetensors"), framework="pt") as handle:
             weight_map = {key: base_file for key in handle.keys() if key.startswith("model.")}  # noqa: SIM118
         weight_map.update({key: "score.safetensors" for key in tensors})
-        index = {"metadata": {"note": "model.* weights are shared with the base model folder"},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"note": "model.* weights are shared with the base model folder"},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         copy_tokenizer(base_dir, staging)
 

@@ -26,11 +26,13 @@ CONFIGS = {
     "full-rotary": dict(partial_rotary_factor=1.0),
     "qk-layernorm": dict(qk_layernorm=True),
     "gqa": dict(num_attention_heads=8, num_key_value_heads=2),
-    "rope-linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
-                                         "partial_rotary_factor": 0.5}),
-    "rope-dynamic": dict(max_position_embeddings=16,
-                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
-                                          "partial_rotary_factor": 0.5}),
+    "rope-linear": dict(
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    ),
+    "rope-dynamic": dict(
+        max_position_embeddings=16,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
 }
 HF_TASK_CLASSES = {
     "causal-lm": "PhiForCausalLM",
@@ -88,3 +90,16 @@ def rewrite_config_v4(path: Path) -> None:
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def lm_checkpoint(tmp_path_factory) -> Path:
+    """A random causal LM with the real tokenizer's vocabulary and files: something the CLI can run."""
+    import shutil
+
+    model = hf_model(vocab_size=50304, eos_token_id=50256, bos_token_id=50256, seed=5)
+    folder = tmp_path_factory.mktemp("lm")
+    model.save_pretrained(folder)
+    for item in TOKENIZER_DIR.iterdir():
+        shutil.copyfile(item, folder / item.name)
+    return folder

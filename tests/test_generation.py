@@ -63,8 +63,9 @@ def test_greedy_matches_transformers_single_and_left_padded_batch(checkpoint, to
     ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     with torch.no_grad():
-        expected = reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                                      eos_token_id=None, pad_token_id=0)[:, width:]
+        expected = reference.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0
+        )[:, width:]
     for row, prompt in enumerate(encoded):
         assert batched[row] == expected[row].tolist()
         alone, _, _ = collect(generate(model, tokenizer, [prompt], params))
@@ -82,8 +83,9 @@ def test_greedy_stops_at_endoftext_like_transformers(checkpoint, tokenizer):
         prompt = tokenizer.encode("print('hi')")
         tokens, texts, reasons = collect(generate(model, tokenizer, [prompt], GenerationParams(max_new_tokens=30)))
         with torch.no_grad():
-            expected = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30,
-                                          eos_token_id=50256, pad_token_id=50256)[0, len(prompt):].tolist()
+            expected = reference.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=30, eos_token_id=50256, pad_token_id=50256
+            )[0, len(prompt) :].tolist()
     finally:
         with torch.no_grad():
             reference.lm_head.bias[50256] -= 4.0
@@ -110,12 +112,19 @@ def test_seeded_sampling_is_reproducible(checkpoint, tokenizer):
     _, folder = checkpoint
     model = phi_core.load_model(folder)
     prompt = [tokenizer.encode("x = ")]
-    params = GenerationParams(max_new_tokens=10, ignore_eos=True,
-                              sampling=SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    params = GenerationParams(
+        max_new_tokens=10, ignore_eos=True, sampling=SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    )
     first, _, _ = collect(generate(model, tokenizer, prompt, params))
     second, _, _ = collect(generate(model, tokenizer, prompt, params))
-    other, _, _ = collect(generate(model, tokenizer, prompt, GenerationParams(
-        max_new_tokens=10, ignore_eos=True, sampling=SamplingParams(temperature=1.0, seed=8))))
+    other, _, _ = collect(
+        generate(
+            model,
+            tokenizer,
+            prompt,
+            GenerationParams(max_new_tokens=10, ignore_eos=True, sampling=SamplingParams(temperature=1.0, seed=8)),
+        )
+    )
     assert first == second
     assert first != other
 
@@ -138,8 +147,10 @@ def test_top_k_keeps_the_k_best():
     assert torch.allclose(probs, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]))
 
 
-@pytest.mark.parametrize(("p", "expected"), [(0.5, [1.0, 0, 0, 0]), (0.7, [2 / 3, 1 / 3, 0, 0]),
-                                              (0.8, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0])])
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [(0.5, [1.0, 0, 0, 0]), (0.7, [2 / 3, 1 / 3, 0, 0]), (0.8, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0])],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
     probs = torch.softmax(keep_top_p(LOGITS, p), -1)
     assert torch.allclose(probs, torch.tensor([expected]), atol=1e-6)

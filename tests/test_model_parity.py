@@ -155,6 +155,7 @@ def test_backends_agree_on_padded_cached_inputs(make_checkpoint):
         cache = model.new_cache(2, 10)
         model(ids, attention_mask=mask, cache=cache)
         step = torch.tensor([[5], [6]])
-        outputs.append(model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-                             cache=cache).logits)
+        outputs.append(
+            model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache).logits
+        )
     assert (outputs[0] - outputs[1]).abs().max() <= ATOL

@@ -1,0 +1,1 @@
+"""The `phi` command: thin Typer front ends over phi_core."""

@@ -1,0 +1,41 @@
+"""The `phi` command line: one subcommand per job, each a thin front end over one phi_core function."""
+
+from __future__ import annotations
+
+import typer
+
+from phi_cli.errors import PhiGroup
+from phi_cli.generate import generate_command
+
+app = typer.Typer(
+    cls=PhiGroup,
+    name="phi",
+    help="Run, convert and benchmark Microsoft's Phi language models (Phi-1, Phi-1.5, Phi-2).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("generate")(generate_command)
+
+
+def _not_built(name: str, issue: str):
+    def command() -> None:
+        raise typer.Exit(_say_not_built(name, issue))
+
+    command.__doc__ = f"(not built yet) {issue}"
+    return command
+
+
+def _say_not_built(name: str, issue: str) -> int:
+    typer.echo(f"error: `phi {name}` is not built yet in this version ({issue})", err=True)
+    return 1
+
+
+for _name, _issue in (
+    ("classify", "sequence classification from the shell"),
+    ("tag", "token classification from the shell"),
+    ("convert", "conversion of old remote-code checkpoints"),
+    ("bench", "speed and memory benchmarks"),
+):
+    app.command(_name)(_not_built(_name, _issue))

@@ -1,0 +1,62 @@
+"""Option types shared by every command that loads a model, defined once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
+
+import torch
+import typer
+
+from phi_core.attention import ATTENTION_BACKENDS
+from phi_core.embedded import DEFAULT_FOR_TASK
+
+MODEL_PANEL = "Model"
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Checkpoint folder, Hub repo id, or embedded name [default: the embedded tiny model]",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+RevisionOpt = Annotated[
+    str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL_PANEL)
+]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["eager", "sdpa", "flash_attention_2"]
+assert get_args(Backend) == ATTENTION_BACKENDS
+DtypeOpt = Annotated[
+    Dtype | None,
+    typer.Option(
+        help="Weights and compute dtype [default: float32 on CPU, float16 on CUDA].", rich_help_panel=MODEL_PANEL
+    ),
+]
+AttnOpt = Annotated[Backend, typer.Option(help="Attention backend.", rich_help_panel=MODEL_PANEL)]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu].", rich_help_panel=MODEL_PANEL),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notices on stderr.")]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model options of a command, resolved to concrete values."""
+
+    source: str
+    revision: str | None
+    dtype: str
+    attn: str
+    device: str
+
+
+def model_choice(
+    task: str, model: str | None, revision: str | None, dtype: str | None, attn: str, device: str | None
+) -> ModelChoice:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = "float32" if device == "cpu" else "float16"
+    return ModelChoice(model or DEFAULT_FOR_TASK[task], revision, dtype, attn, device)
