@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from phi_cli.convert import convert_command
 from phi_cli.errors import PhiGroup
 from phi_cli.generate import generate_command
 
@@ -17,6 +18,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("generate")(generate_command)
+app.command("convert")(convert_command)
 
 
 def _not_built(name: str, issue: str):
@@ -35,7 +37,6 @@ def _say_not_built(name: str, issue: str) -> int:
 for _name, _issue in (
     ("classify", "sequence classification from the shell"),
     ("tag", "token classification from the shell"),
-    ("convert", "conversion of old remote-code checkpoints"),
     ("bench", "speed and memory benchmarks"),
 ):
     app.command(_name)(_not_built(_name, _issue))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -226,3 +226,217 @@ def _split(rule: Rule, fused: torch.Tensor, config: PhiConfig, key: str, target:
         parts = list(torch.split(fused, [heads * hd, kv * hd, kv * hd], dim=0))
     block = target.rsplit("self_attn", 1)[0]
     return [(f"{block}{name}.{suffix}", part.clone()) for name, part in zip(Q_K_V, parts, strict=True)]
+
+
+# Writing a converted checkpoint ------------------------------------------------------------------------------
+KEEP = "keep"
+ENDOFTEXT_ID = 50256
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What a conversion did: the layout found, tensors and bytes written, shards, and the --verify result."""
+
+    layout: str
+    tensors: int
+    bytes_written: int
+    shards: int
+    max_abs_diff: float | None
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> 2_000_000_000; ``"500MiB"`` -> 524_288_000; a bare number is bytes."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise ValueError(f"cannot read size {text!r} (use e.g. 2GB, 500MB or 1GiB)")
+    return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    dtype: str = KEEP,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    verify: bool = False,
+    revision: str | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> ConversionReport:
+    """Convert a checkpoint of any layout to the current one in ``output``, one tensor at a time.
+
+    Nothing from ``source`` is executed. ``output`` appears only once complete (an existing one is kept unless
+    ``force``). ``on_tensor(name, nbytes)`` is called for each tensor written (progress bars).
+    """
+    from phi_core.checkpoint import iter_tensors, resolve_source
+    from phi_core.saving import atomic_folder, copy_tokenizer, write_config
+    from phi_core.tokenizer import TOKENIZER_FILES
+
+    folder = resolve_source(source, revision, weights=True)
+    output = Path(output)
+    if output.exists() and not force:
+        raise CheckpointError(f"{output}: already exists (use --force to replace it)")
+    target_dtype = None if dtype == KEEP else _torch_dtype(dtype)
+    config = _read_source_config(folder)
+    keys = _tensor_names(folder)
+    layout = detect_layout(keys)
+    _cross_check(layout, config, folder)
+    config = _fill_token_ids(config)
+    if target_dtype is not None:
+        config = _replace_dtype(config, target_dtype)
+    elif config.torch_dtype is None:
+        config = _replace_dtype(config, None)
+    tensors = iter_tensors(folder)
+    converted = (
+        ((HEAD_ALIASES.get(k, k), v) for k, v in tensors)
+        if layout == CURRENT
+        else convert_tensors(tensors, config, layout, folder)
+    )
+    with atomic_folder(output, force=force) as staging:
+        written, total, shards = _write_shards(converted, staging, target_dtype, max_shard_size, on_tensor)
+        write_config(staging, config, "causal-lm" if "lm_head.bias" in written else _task_of(written))
+        copy_tokenizer(folder, staging)
+        _check_tokenizer_copied(folder, staging, TOKENIZER_FILES)
+        diff = _verify(folder, staging) if verify else None
+    return ConversionReport(layout, len(written), total, shards, diff)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from phi_core.loading import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def _read_source_config(folder: Path) -> PhiConfig:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    return PhiConfig.from_json_file(folder / "config.json")
+
+
+def _tensor_names(folder: Path) -> list[str]:
+    """Tensor names without reading the tensors (safetensors headers; a pickle has to be opened)."""
+    import json
+
+    from phi_core.checkpoint import PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, iter_tensors
+
+    for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if (folder / index).is_file():
+            try:
+                return sorted(json.loads((folder / index).read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{folder / index}: not a valid shard index ({exc})") from None
+    if (folder / SAFETENSORS).is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
+                return sorted(handle.keys())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{folder / SAFETENSORS}: not a readable safetensors file ({exc})") from None
+    return sorted(name for name, _ in iter_tensors(folder))
+
+
+def _cross_check(layout: str, config: PhiConfig, folder: Path) -> None:
+    """The weights' layout and the config's format must agree (remote keys go with remote configs)."""
+    import json
+
+    from phi_core.config import detect_config_format
+
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    remote_config = detect_config_format(raw).name != "hf"
+    remote_weights = layout in ("mixformer-sequential", "phi-msft")
+    if remote_config != remote_weights:
+        kind = "remote-code (n_embd, ...)" if remote_config else "transformers (hidden_size, ...)"
+        raise CheckpointError(
+            f"{folder}: config.json is in the {kind} format but the weights are in the {layout} layout"
+        )
+
+
+def _fill_token_ids(config: PhiConfig) -> PhiConfig:
+    """Old configs leave bos/eos unset; every Phi tokenizer uses <|endoftext|> (50256) for both, and without it
+    transformers' generate never stops."""
+    if config.vocab_size <= ENDOFTEXT_ID:
+        return config
+    return replace(
+        config,
+        bos_token_id=ENDOFTEXT_ID if config.bos_token_id is None else config.bos_token_id,
+        eos_token_id=ENDOFTEXT_ID if config.eos_token_id is None else config.eos_token_id,
+    )
+
+
+def _replace_dtype(config: PhiConfig, dtype: torch.dtype | None) -> PhiConfig:
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    return replace(config, torch_dtype=name)
+
+
+def _task_of(names: dict[str, int]) -> str:
+    return "token-classification" if "score.bias" in names else "sequence-classification"
+
+
+def _write_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    staging: Path,
+    dtype: torch.dtype | None,
+    max_shard_size: int | None,
+    on_tensor: Callable[[str, int], None] | None,
+) -> tuple[dict[str, int], int, int]:
+    """Write tensors into ``model.safetensors`` or numbered shards plus an index; return (name -> shard, bytes,
+    shard count). Only one shard's tensors are held in memory at a time."""
+    import json
+
+    from safetensors.torch import save_file
+
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, total, shard_files = 0, 0, []
+    placement: dict[str, int] = {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"shard-{len(shard_files):05d}.partial"
+            save_file(shard, str(staging / name), metadata={"format": "pt"})
+            shard_files.append(name)
+            shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        tensor = (tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if max_shard_size is not None and shard and shard_bytes + size > max_shard_size:
+            flush()
+        shard[name] = tensor
+        placement[name] = len(shard_files)
+        shard_bytes += size
+        total += size
+        if on_tensor is not None:
+            on_tensor(name, size)
+    flush()
+    if len(shard_files) <= 1:
+        if shard_files:
+            (staging / shard_files[0]).rename(staging / "model.safetensors")
+        return placement, total, len(shard_files)
+    names = [f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors" for i in range(len(shard_files))]
+    for old, new in zip(shard_files, names, strict=True):
+        (staging / old).rename(staging / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in sorted(placement.items())}}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return placement, total, len(shard_files)
+
+
+def _check_tokenizer_copied(source: Path, staging: Path, names: tuple[str, ...]) -> None:
+    if not any((staging / name).is_file() for name in names):
+        print(f"note: {source} has no tokenizer files; the converted checkpoint has none either", file=sys.stderr)
+
+
+def _verify(source: Path, converted: Path) -> float:
+    """Max |logit difference| between the converted checkpoint and the source weights, both run in fp32 by
+    phi_core on the same fixed tokens."""
+    from phi_core.loading import load_model
+
+    original = load_model(source, dtype="float32", attn="eager")
+    result = load_model(converted, dtype="float32", attn="eager")
+    generator = torch.Generator().manual_seed(0)
+    length = min(32, original.config.max_position_embeddings)
+    ids = torch.randint(0, min(original.config.vocab_size, 50257), (2, length), generator=generator)
+    with torch.no_grad():
+        return float((original(ids).logits - result(ids).logits).abs().max())
