@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from phi_cli.classify import classify_command, tag_command
 from phi_cli.convert import convert_command
 from phi_cli.errors import PhiGroup
 from phi_cli.generate import generate_command
@@ -18,6 +19,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("generate")(generate_command)
+app.command("classify")(classify_command)
+app.command("tag")(tag_command)
 app.command("convert")(convert_command)
 
 
@@ -34,9 +37,5 @@ def _say_not_built(name: str, issue: str) -> int:
     return 1
 
 
-for _name, _issue in (
-    ("classify", "sequence classification from the shell"),
-    ("tag", "token classification from the shell"),
-    ("bench", "speed and memory benchmarks"),
-):
+for _name, _issue in (("bench", "speed and memory benchmarks"),):
     app.command(_name)(_not_built(_name, _issue))

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from phi_core.batching import left_pad
 from phi_core.cache import KVCache
 from phi_core.errors import PhiError
 from phi_core.model import PhiForCausalLM
@@ -280,12 +281,8 @@ class _Batch:
     @classmethod
     def start(cls, model: PhiForCausalLM, prompts: list[list[int]], max_new: int) -> _Batch:
         device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width + max_new), dtype=torch.bool)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) : width] = True
+        ids, mask = left_pad(prompts, extra_columns=max_new)
+        width = ids.shape[1]
         seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool)
         for i, prompt in enumerate(prompts):
             seen[i, torch.tensor(prompt)] = True

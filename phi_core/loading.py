@@ -4,6 +4,7 @@ made on the meta device and the checkpoint's tensors are assigned into it one by
 from __future__ import annotations
 
 import os
+from collections.abc import KeysView
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype:
     if tied:
         state.pop("lm_head.weight", None)  # tied heads reuse the embedding; a stored copy is redundant
         expected.pop("lm_head.weight")
+    _check_head(type(model), state.keys(), folder)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
@@ -85,6 +87,31 @@ def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype:
     model.load_state_dict(cast, strict=not tied, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+HEADS = {
+    "causal-lm": ("a causal-LM head", "lm_head.weight"),
+    "sequence-classification": ("a sequence-classification head", "score.weight without bias"),
+    "token-classification": ("a token-classification head", "score.weight and score.bias"),
+}
+
+
+def head_of(keys: set[str] | KeysView[str]) -> str | None:
+    """Which task head a set of (current-layout) tensor names carries, if any."""
+    if "lm_head.bias" in keys or "lm_head.weight" in keys:
+        return "causal-lm"
+    if "score.weight" in keys:
+        return "token-classification" if "score.bias" in keys else "sequence-classification"
+    return None
+
+
+def _check_head(model_class: type[PhiPreTrained], keys: KeysView[str], folder: Path) -> None:
+    wanted = next(task for task, cls in TASK_MODELS.items() if cls is model_class)
+    found = head_of(keys)
+    if found == wanted:
+        return
+    has = f"has {HEADS[found][0]} ({HEADS[found][1]})" if found else "has no task head (only model.*)"
+    raise CheckpointError(f"{folder}: {has}, not the {wanted} head ({HEADS[wanted][1]}) this task needs")
 
 
 def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:

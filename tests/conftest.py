@@ -103,3 +103,35 @@ def lm_checkpoint(tmp_path_factory) -> Path:
     for item in TOKENIZER_DIR.iterdir():
         shutil.copyfile(item, folder / item.name)
     return folder
+
+
+def checkpoint_with_tokenizer(folder: Path, task: str, **overrides: object) -> Path:
+    import shutil
+
+    model = hf_model(task, vocab_size=50304, seed=6, **overrides)
+    model.save_pretrained(folder)
+    for item in TOKENIZER_DIR.iterdir():
+        shutil.copyfile(item, folder / item.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def classifier_checkpoint(tmp_path_factory) -> Path:
+    labels = {0: "code", 1: "prose", 2: "other"}
+    return checkpoint_with_tokenizer(
+        tmp_path_factory.mktemp("cls"),
+        "sequence-classification",
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+
+
+@pytest.fixture(scope="session")
+def tagger_checkpoint(tmp_path_factory) -> Path:
+    labels = {0: "O", 1: "B-NAME", 2: "I-NAME", 3: "OP"}
+    return checkpoint_with_tokenizer(
+        tmp_path_factory.mktemp("tag"),
+        "token-classification",
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )

@@ -114,7 +114,9 @@ def test_missing_and_unexpected_keys_are_named(make_checkpoint):
 
 def test_missing_head_says_what_the_checkpoint_has(make_checkpoint):
     _, folder = make_checkpoint()  # a causal-LM checkpoint
-    with pytest.raises(CheckpointError, match=r"missing score\.weight; unexpected lm_head\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"has a causal-LM head \(lm_head.weight\), not the sequence-classification head"
+    ):
         phi_core.load_model(folder, task="sequence-classification")
 
 

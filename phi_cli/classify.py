@@ -1,0 +1,174 @@
+"""`phi classify` and `phi tag`: sequence and token classification from the shell."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from phi_cli.errors import UsageProblem
+from phi_cli.io import read_jsonl, stdin_is_piped, texts_from_stdin_lines, write_json_line
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, model_choice
+from phi_core import load_model, load_tokenizer
+from phi_core.classify import Classification, classify
+from phi_core.tagging import TaggedText, tag
+
+TextsArg = Annotated[
+    list[str] | None, typer.Argument(help="Texts to label. Omit them to read one text per stdin line.")
+]
+InputOpt = Annotated[
+    str | None,
+    typer.Option("--input", "-i", help='JSONL file (- = stdin) of {"text": ...} objects; other fields are copied.'),
+]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Texts run together.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSONL output (the default when stdout is not a terminal).")]
+TruncateOpt = Annotated[bool, typer.Option(help="Cut texts longer than the model's context instead of failing.")]
+LABEL_STYLES = ("bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red", "underline")
+
+
+def classify_command(
+    texts: TextsArg = None,
+    input_file: InputOpt = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Show the k best labels.")] = 1,
+    all_scores: Annotated[bool, typer.Option(help="Show every label's score.")] = False,
+    function: Annotated[
+        Literal["softmax", "sigmoid", "none"] | None,
+        typer.Option(
+            help="Score function [default: from the config: softmax, sigmoid if multi-label, none for regression]."
+        ),
+    ] = None,
+    batch_size: BatchOpt = 8,
+    json_output: JsonOpt = False,
+    truncate: TruncateOpt = False,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
+    attn: AttnOpt = "sdpa",
+    device: DeviceOpt = None,
+) -> None:
+    """Label whole texts with a sequence-classification model.
+
+    phi classify "def f(x): return x" "Return the sum of two numbers."
+
+    phi classify --input snippets.jsonl --all-scores > labelled.jsonl
+    """
+    records = _records(texts, input_file)
+    choice = model_choice("sequence-classification", model, revision, dtype, attn, device)
+    classifier = load_model(
+        choice.source, "sequence-classification", choice.dtype, choice.attn, choice.device, choice.revision
+    )
+    tokenizer = load_tokenizer(choice.source, choice.revision)
+    shown = len(classifier.config.id2label) if all_scores else top_k
+    results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
+    if _as_json(json_output):
+        for result in results:
+            write_json_line(_classification_record(records[result.index], result, shown, top_k > 1 or all_scores))
+        return
+    _print_table(list(results), shown)
+
+
+def tag_command(
+    texts: TextsArg = None,
+    input_file: InputOpt = None,
+    aggregate: Annotated[
+        Literal["none", "simple", "first", "average", "max"],
+        typer.Option(
+            help="none: every token; simple: merge runs of a label; first/average/max: one label per word, then merge."
+        ),
+    ] = "simple",
+    ignore_labels: Annotated[
+        list[str] | None, typer.Option(help="Labels not to report (repeatable) [default: O].")
+    ] = None,
+    batch_size: BatchOpt = 8,
+    json_output: JsonOpt = False,
+    truncate: TruncateOpt = False,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
+    attn: AttnOpt = "sdpa",
+    device: DeviceOpt = None,
+) -> None:
+    """Label the tokens or words of texts with a token-classification model, with character offsets.
+
+    phi tag "for item in items: print(item)"
+
+    phi tag --aggregate none --json "x = 1"
+    """
+    records = _records(texts, input_file)
+    choice = model_choice("token-classification", model, revision, dtype, attn, device)
+    tagger = load_model(
+        choice.source, "token-classification", choice.dtype, choice.attn, choice.device, choice.revision
+    )
+    tokenizer = load_tokenizer(choice.source, choice.revision)
+    ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
+    results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
+    as_json = _as_json(json_output)
+    labels = list(tagger.config.id2label.values())
+    for result in results:
+        if as_json:
+            write_json_line(_tag_record(records[result.index], result))
+        else:
+            _print_tagged(result, labels)
+
+
+def _records(texts: list[str] | None, input_file: str | None) -> list[dict[str, Any]]:
+    if input_file is not None:
+        if texts:
+            raise UsageProblem("give either TEXTS or --input, not both")
+        return read_jsonl(input_file, "text")
+    if not texts:
+        if not stdin_is_piped():
+            raise UsageProblem("no text: give texts as arguments, pipe lines on stdin, or use --input FILE")
+        texts = texts_from_stdin_lines()
+        if not texts:
+            raise UsageProblem("stdin holds no text")
+    return [{"text": text} for text in texts]
+
+
+def _as_json(flag: bool) -> bool:
+    return flag or not sys.stdout.isatty()
+
+
+def _classification_record(record: dict[str, Any], result: Classification, shown: int, ranked: bool) -> dict:
+    out = {**record, "label": result.top.label, "score": round(result.top.score, 6)}
+    if ranked:
+        out["scores"] = [{"label": s.label, "score": round(s.score, 6)} for s in result.scores[:shown]]
+    return out
+
+
+def _tag_record(record: dict[str, Any], result: TaggedText) -> dict:
+    spans = [
+        {"start": s.start, "end": s.end, "text": s.text, "label": s.label, "score": round(s.score, 6)}
+        for s in result.spans
+    ]
+    return {**record, "spans": spans}
+
+
+def _print_table(results: list[Classification], shown: int) -> None:
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("text", overflow="ellipsis", max_width=60, no_wrap=True)
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for result in results:
+        for rank, item in enumerate(result.scores[:shown]):
+            first_line = result.text.splitlines()[0] if result.text.strip() else result.text
+            table.add_row(first_line if rank == 0 else "", item.label, f"{item.score:.4f}")
+    Console().print(table)
+
+
+def _print_tagged(result: TaggedText, labels: list[str]) -> None:
+    styles = {label: LABEL_STYLES[i % len(LABEL_STYLES)] for i, label in enumerate(labels)}
+    text = Text(result.text)
+    for span in result.spans:
+        text.stylize(styles.get(span.label, "reverse"), span.start, span.end)
+    console = Console()
+    console.print(text)
+    legend = Text("  ").join(
+        Text(label, style=styles.get(label, "reverse")) for label in sorted({s.label for s in result.spans})
+    )
+    if result.spans:
+        console.print(legend)
