@@ -6,12 +6,11 @@ import sys
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from phi_cli.errors import UsageProblem
-from phi_cli.io import read_jsonl, stdin_is_piped, texts_from_stdin_lines, write_json_line
+from phi_cli.io import read_jsonl, stdin_is_piped, stdout_console, texts_from_stdin_lines, write_json_line
 from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, model_choice
 from phi_core import load_model, load_tokenizer
 from phi_core.classify import Classification, classify
@@ -157,7 +156,7 @@ def _print_table(results: list[Classification], shown: int) -> None:
         for rank, item in enumerate(result.scores[:shown]):
             first_line = result.text.splitlines()[0] if result.text.strip() else result.text
             table.add_row(first_line if rank == 0 else "", item.label, f"{item.score:.4f}")
-    Console().print(table)
+    stdout_console().print(table)
 
 
 def _print_tagged(result: TaggedText, labels: list[str]) -> None:
@@ -165,7 +164,7 @@ def _print_tagged(result: TaggedText, labels: list[str]) -> None:
     text = Text(result.text)
     for span in result.spans:
         text.stylize(styles.get(span.label, "reverse"), span.start, span.end)
-    console = Console()
+    console = stdout_console()
     console.print(text)
     legend = Text("  ").join(
         Text(label, style=styles.get(label, "reverse")) for label in sorted({s.label for s in result.spans})

@@ -17,6 +17,12 @@ from phi_cli.errors import UsageProblem
 stderr = Console(stderr=True)
 
 
+def stdout_console() -> Console:
+    """A console for results on stdout; wide when stdout is a file or pipe, so tables are not squeezed."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
 def read_jsonl(source: str, field: str) -> list[dict[str, Any]]:
     """Records of a JSONL file (``-`` = stdin), each an object with a string ``field``; blank lines skipped."""
     handle = sys.stdin if source == "-" else _open(source)

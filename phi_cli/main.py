@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from phi_cli.bench import bench_command
 from phi_cli.classify import classify_command, tag_command
 from phi_cli.convert import convert_command
 from phi_cli.errors import PhiGroup
@@ -22,20 +23,4 @@ app.command("generate")(generate_command)
 app.command("classify")(classify_command)
 app.command("tag")(tag_command)
 app.command("convert")(convert_command)
-
-
-def _not_built(name: str, issue: str):
-    def command() -> None:
-        raise typer.Exit(_say_not_built(name, issue))
-
-    command.__doc__ = f"(not built yet) {issue}"
-    return command
-
-
-def _say_not_built(name: str, issue: str) -> int:
-    typer.echo(f"error: `phi {name}` is not built yet in this version ({issue})", err=True)
-    return 1
-
-
-for _name, _issue in (("bench", "speed and memory benchmarks"),):
-    app.command(_name)(_not_built(_name, _issue))
+app.command("bench")(bench_command)

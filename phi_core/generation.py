@@ -206,14 +206,20 @@ def fit_prompt(ids: list[int], max_new_tokens: int, context: int, truncate: bool
 
 def generate(
     model: PhiForCausalLM,
-    tokenizer: PhiTokenizer,
+    tokenizer: PhiTokenizer | None,
     prompts: list[list[int]],
     params: GenerationParams,
     timing: Timing | None = None,
 ) -> Iterator[TokenEvent]:
-    """Yield the generated tokens of every prompt, step by step, until each row has finished."""
+    """Yield the generated tokens of every prompt, step by step, until each row has finished.
+
+    Without a ``tokenizer`` (benchmarks) no text is produced, stop strings cannot apply, and the end of text is
+    the config's ``eos_token_id``.
+    """
     if not prompts or any(not p for p in prompts):
         raise PhiError("every prompt needs at least one token")
+    if tokenizer is None and params.stop:
+        raise ValueError("stop strings need a tokenizer")
     timing = timing if timing is not None else Timing()
     batch = _Batch.start(model, prompts, params.max_new_tokens)
     generator = torch.Generator(device="cpu")
@@ -221,7 +227,8 @@ def generate(
         generator.manual_seed(params.sampling.seed)
     else:
         generator.seed()
-    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    streams = [TextStream(tokenizer, params.stop) if tokenizer else _SilentStream() for _ in prompts]
+    eos = tokenizer.eos_token_id if tokenizer else model.config.eos_token_id
     counts = [0] * len(prompts)
     started = time.perf_counter()
     logits = batch.prefill(model)
@@ -234,7 +241,7 @@ def generate(
         finished = []
         for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(), strict=True)):
             counts[row] += 1
-            reason, text = _advance(streams[row], token, tokenizer.eos_token_id, params, counts[row])
+            reason, text = _advance(streams[row], token, eos, params, counts[row])
             if reason is not None:
                 finished.append(slot)
             yield TokenEvent(row, token, logprob, text, reason)
@@ -247,8 +254,18 @@ def generate(
     timing.decode_s = time.perf_counter() - decode_started
 
 
+class _SilentStream:
+    """Stands in for a :class:`TextStream` when there is no tokenizer: no text, no stop strings."""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        return "", False
+
+    def finish(self) -> str:
+        return ""
+
+
 def _advance(
-    stream: TextStream, token: int, eos: int, params: GenerationParams, count: int
+    stream: TextStream | _SilentStream, token: int, eos: int | None, params: GenerationParams, count: int
 ) -> tuple[FinishReason | None, str]:
     """Feed one token to its row's text stream; return (finish reason or None, text to show)."""
     if token == eos and not params.ignore_eos:

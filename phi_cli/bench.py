@@ -1,0 +1,144 @@
+"""`phi bench`: the attention-backend speedup chart, reproducible on any machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from phi_cli.errors import UsageProblem
+from phi_cli.io import stderr, stdout_console
+from phi_cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from phi_core.attention import ATTENTION_BACKENDS
+from phi_core.bench import BenchReport, BenchSettings, format_bytes, plot_chart, run_benchmark, write_csv, write_json
+
+
+def bench_command(
+    attn: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Backend to measure (repeatable) [default: every backend that can run here; eager is the baseline]."
+        ),
+    ] = None,
+    shape: Annotated[
+        Literal["phi-1", "phi-1.5", "phi-2"], typer.Option(help="Random weights of this real shape.")
+    ] = "phi-1",
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Measure this checkpoint instead of a random shape.")
+    ] = None,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 2048,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8",
+    mode: Annotated[
+        Literal["forward", "generate"],
+        typer.Option(help="forward: one prefill pass; generate: prefill + --new-tokens decode steps."),
+    ] = "forward",
+    new_tokens: Annotated[int, typer.Option(min=1, help="Decode steps in generate mode.")] = 32,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs (median, min, max reported).")] = 3,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Use only N layers (same per-layer shape): a quick and honest chart on a small machine."
+        ),
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Shrink the sweep: 2 layers, seq 512, batches 1,2, 1 repeat.")] = False,
+    against: Annotated[
+        Literal["transformers"] | None, typer.Option(help="Also run transformers' PhiForCausalLM on the same weights.")
+    ] = None,
+    output: Annotated[
+        list[Path] | None, typer.Option(help="Write results to FILE.json or FILE.csv (repeatable).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the chart to FILE.png (needs matplotlib).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Time one forward pass (or generation) per attention backend and batch size, with the speedup over eager.
+
+    The default sweep (phi-1 shape, seq 2048, batches 1-8, fp32) takes about an hour on a 2-core CPU: use
+    --layers 2 or --quick there. The flash-attention chart needs a CUDA GPU:
+
+    phi bench --device cuda --dtype float16 --attn eager --attn sdpa --attn flash_attention_2 --plot fa2.png
+    """
+    for name in attn or ():
+        if name not in ATTENTION_BACKENDS:
+            raise UsageProblem(f"--attn {name!r} is not a backend (choose from {', '.join(ATTENTION_BACKENDS)})")
+    batches = _parse_batches(batch_sizes)
+    if quick:
+        layers, seq_len, batches, repeats, warmup = layers or 2, min(seq_len, 512), batches[:2], 1, min(warmup, 1)
+    device = device or "cpu"
+    settings = BenchSettings(
+        shape=shape,
+        model=model,
+        backends=tuple(attn or ()),
+        seq_len=seq_len,
+        batch_sizes=batches,
+        mode=mode,
+        new_tokens=new_tokens,
+        dtype=dtype or ("float32" if device == "cpu" else "float16"),
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        layers=layers,
+        against_transformers=against is not None,
+    )
+    for path in output or []:
+        if path.suffix not in (".json", ".csv"):
+            raise UsageProblem(f"--output {path}: use a .json or .csv file name")
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+        task = progress.add_task("benchmarking", total=None)
+        report = run_benchmark(settings, lambda step: progress.update(task, description=f"measuring {step}"))
+    _print_report(report)
+    for path in output or []:
+        (write_json if path.suffix == ".json" else write_csv)(report, path)
+    if plot is not None:
+        plot_chart(report, plot)
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UsageProblem(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if any(b <= 0 for b in batches):
+        raise UsageProblem("--batch-sizes must be positive")
+    return batches
+
+
+def _print_report(report: BenchReport) -> None:
+    s, meta = report.settings, report.metadata
+    layers = f", only {meta['layers']} layers (--layers)" if meta["reduced_layers"] else ""
+    title = (
+        f"{s.model or s.shape} {s.mode}, seq {s.seq_len}, {s.dtype}, {s.device}{layers}; "
+        f"{meta['gpu'] or meta['cpu']}, {meta['threads']} threads"
+    )
+    table = Table(title=title, title_style="bold")
+    for name in ("impl", "attn", "batch", "median s", "min-max s", "tokens/s", "vs eager", "attn share", "peak mem"):
+        table.add_column(name, justify="left" if name in ("impl", "attn") else "right")
+    skipped: dict[str, str] = {}
+    for row in report.rows:
+        if row.skipped:
+            skipped[row.backend] = row.skipped
+            continue
+        data = row.to_dict()
+        speedup = report.speedup(row)
+        table.add_row(
+            row.implementation,
+            row.backend,
+            str(row.batch_size),
+            f"{data['median_s']:.3f}",
+            f"{data['min_s']:.3f}-{data['max_s']:.3f}",
+            f"{data['tokens_per_s']:.1f}",
+            "-" if speedup is None else f"{speedup:.2f}x",
+            "-" if data["attention_share"] is None else f"{data['attention_share']:.0%}",
+            format_bytes(row.peak_memory_bytes),
+        )
+    stdout_console().print(table)
+    for backend, reason in skipped.items():
+        stderr.print(f"skipped {backend}: {reason}", highlight=False)

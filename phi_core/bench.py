@@ -1,0 +1,473 @@
+"""The benchmark harness behind ``phi bench``: random weights of the real Phi shapes, honest timing, and the
+docs' speedup chart.
+
+Timing: warm-up runs are excluded; CUDA work is synchronized before the clock is read; every repeat is kept
+and reported as median, min and max. Peak memory is CUDA's max allocated on a GPU and the resident-set
+high-water mark (reset before each measurement through /proc/self/clear_refs) on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, attention_function, check_backend
+from phi_core.config import PhiConfig
+from phi_core.errors import BackendUnavailableError, PhiError
+from phi_core.generation import GenerationParams, generate
+from phi_core.model import PhiForCausalLM
+
+Mode = Literal["forward", "generate"]
+SHAPES: dict[str, PhiConfig] = {
+    "phi-1": PhiConfig(),
+    "phi-1.5": PhiConfig(),
+    "phi-2": PhiConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, partial_rotary_factor=0.4),
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure. ``layers`` keeps the per-layer shape but uses fewer layers (said in every output)."""
+
+    shape: str = "phi-1"
+    model: str | None = None
+    backends: tuple[str, ...] = ()
+    seq_len: int = 2048
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    mode: Mode = "forward"
+    new_tokens: int = 32
+    dtype: str = "float32"
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 3
+    threads: int | None = None
+    layers: int | None = None
+    against_transformers: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    """One backend at one batch size: every repeat's seconds and what they mean."""
+
+    implementation: str
+    backend: str
+    batch_size: int
+    seconds: list[float] = field(default_factory=list)
+    tokens: int = 0
+    peak_memory_bytes: int | None = None
+    attention_seconds: float | None = None
+    skipped: str | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.median_s if self.seconds and self.median_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            median_s=self.median_s,
+            min_s=min(self.seconds) if self.seconds else None,
+            max_s=max(self.seconds) if self.seconds else None,
+            tokens_per_s=self.tokens_per_s,
+            attention_share=(
+                self.attention_seconds / self.median_s if self.attention_seconds and self.median_s else None
+            ),
+        )
+        return data
+
+
+@dataclass
+class BenchReport:
+    settings: BenchSettings
+    metadata: dict[str, Any]
+    rows: list[Row]
+
+    def baseline(self, batch_size: int) -> Row | None:
+        return next(
+            (
+                r
+                for r in self.rows
+                if r.batch_size == batch_size and r.implementation == "phi_core" and r.backend == "eager" and r.seconds
+            ),
+            None,
+        )
+
+    def speedup(self, row: Row) -> float | None:
+        base = self.baseline(row.batch_size)
+        if base is None or not row.seconds:
+            return None
+        return base.median_s / row.median_s
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for row in self.rows:
+            data = row.to_dict()
+            data["speedup_vs_eager"] = self.speedup(row)
+            rows.append(data)
+        return {"settings": asdict(self.settings), "metadata": self.metadata, "rows": rows}
+
+
+# Models --------------------------------------------------------------------------------------------------
+def random_model(config: PhiConfig, dtype: torch.dtype, device: str, seed: int = 0) -> PhiForCausalLM:
+    """A Phi of ``config``'s shape with random weights, allocated directly in ``dtype`` on ``device``."""
+    with torch.device("meta"):
+        model = PhiForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+def bench_config(settings: BenchSettings) -> PhiConfig:
+    if settings.shape not in SHAPES:
+        raise ValueError(f"unknown shape {settings.shape!r} (choose one of {', '.join(SHAPES)})")
+    config = SHAPES[settings.shape]
+    if settings.layers is not None:
+        config = replace(config, num_hidden_layers=settings.layers)
+    return replace(
+        config,
+        max_position_embeddings=max(
+            config.max_position_embeddings,
+            settings.seq_len + (settings.new_tokens if settings.mode == "generate" else 0),
+        ),
+    )
+
+
+def transformers_twin(model: PhiForCausalLM, backend: str) -> torch.nn.Module:
+    """transformers' PhiForCausalLM holding the very same weights (test/benchmark oracle only)."""
+    try:
+        import transformers
+    except ImportError:
+        raise PhiError("--against transformers needs the transformers package: pip install transformers") from None
+    hf_config = transformers.PhiConfig(**_hf_config_fields(model.config))
+    hf_config._attn_implementation = backend
+    param = next(model.parameters())
+    with torch.device("meta"):
+        twin = transformers.PhiForCausalLM(hf_config)
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)  # shares our tensors: no second copy
+    # Rotary frequencies are a non-persistent buffer, so the meta build left them empty: make them for real.
+    twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config)
+    return twin.to(param.device).eval()
+
+
+def _hf_config_fields(config: PhiConfig) -> dict[str, Any]:
+    raw = config.to_hf_dict()
+    for key in ("architectures", "model_type", "id2label", "label2id"):
+        raw.pop(key, None)
+    raw.pop("rope_scaling")
+    raw["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": raw.pop("rope_theta"),
+        "partial_rotary_factor": raw.pop("partial_rotary_factor"),
+    }
+    return raw
+
+
+# Timing ------------------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets the kernel's resident-set high-water mark
+
+
+def peak_memory(device: str) -> int | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_runs(run: Callable[[], object], device: str, warmup: int, repeats: int) -> tuple[list[float], int | None]:
+    """Seconds of each of ``repeats`` runs after ``warmup`` untimed ones, and the peak memory of the timed runs."""
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    reset_peak_memory(device)
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds, peak_memory(device)
+
+
+def attention_seconds(
+    config: PhiConfig, backend: str, batch: int, seq_len: int, dtype: torch.dtype, device: str, repeats: int
+) -> float:
+    """Median seconds of the attention alone (all layers) for one prefill: the part backends change."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    shape = (batch, config.num_attention_heads, seq_len, config.head_dim)
+    kv_shape = (batch, config.num_key_value_heads, seq_len, config.head_dim)
+    q = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    k = torch.randn(kv_shape, generator=generator, device=device, dtype=dtype)
+    v = torch.randn(kv_shape, generator=generator, device=device, dtype=dtype)
+    mask = AttentionMask(key_valid=None, new=seq_len, total=seq_len, device=torch.device(device))
+    attend = attention_function(backend)
+    seconds, _ = time_runs(lambda: attend(q, k, v, mask), device, warmup=1, repeats=repeats)
+    return statistics.median(seconds) * config.num_hidden_layers
+
+
+# The sweep ---------------------------------------------------------------------------------------------------
+def available_backends(settings: BenchSettings, dtype: torch.dtype) -> list[tuple[str, str | None]]:
+    """(backend, reason it is skipped or None) for each backend asked for (default: all, eager first)."""
+    asked = settings.backends or ATTENTION_BACKENDS
+    out = []
+    for name in asked:
+        try:
+            check_backend(name, settings.device, dtype)
+            out.append((name, None))
+        except BackendUnavailableError as exc:
+            if settings.backends and len(settings.backends) == 1:
+                raise
+            out.append((name, str(exc)))
+    return out
+
+
+def run_benchmark(settings: BenchSettings, on_step: Callable[[str], None] | None = None) -> BenchReport:
+    """Measure every (implementation, backend, batch size) of ``settings``; ``on_step`` hears progress."""
+    from phi_core.loading import load_model, resolve_dtype
+
+    dtype = resolve_dtype(settings.dtype)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    backends = available_backends(settings, dtype)
+    if settings.model is not None:
+        model = load_model(settings.model, "causal-lm", dtype, "sdpa", settings.device)
+        if settings.layers is not None:
+            model.model.layers = model.model.layers[: settings.layers]
+            model.config = model.model.config = replace(model.config, num_hidden_layers=settings.layers)
+    else:
+        model = random_model(bench_config(settings), dtype, settings.device, settings.seed)
+    rows: list[Row] = []
+    for batch in settings.batch_sizes:
+        ids = torch.randint(
+            0,
+            min(model.config.vocab_size, 50257),
+            (batch, settings.seq_len),
+            generator=torch.Generator().manual_seed(settings.seed),
+        ).to(settings.device)
+        for backend, reason in backends:
+            if on_step:
+                on_step(f"phi_core {backend} batch {batch}")
+            rows.append(_measure_ours(model, backend, reason, ids, settings, dtype))
+            if settings.against_transformers and reason is None and backend != "flash_attention_2":
+                if on_step:
+                    on_step(f"transformers {backend} batch {batch}")
+                rows.append(_measure_transformers(model, backend, ids, settings))
+    return BenchReport(settings, metadata(settings, model), rows)
+
+
+def _measure_ours(
+    model: PhiForCausalLM,
+    backend: str,
+    reason: str | None,
+    ids: torch.Tensor,
+    settings: BenchSettings,
+    dtype: torch.dtype,
+) -> Row:
+    row = Row("phi_core", backend, ids.shape[0], skipped=reason)
+    if reason is not None:
+        return row
+    model.set_attention_backend(backend)
+    run = _forward_run(model, ids) if settings.mode == "forward" else _generate_run(model, ids, settings.new_tokens)
+    with torch.no_grad():
+        row.seconds, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
+    row.tokens = _tokens_per_run(ids, settings)
+    if settings.mode == "forward":
+        row.attention_seconds = attention_seconds(
+            model.config, backend, ids.shape[0], ids.shape[1], dtype, settings.device, settings.repeats
+        )
+    return row
+
+
+def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor, settings: BenchSettings) -> Row:
+    twin = transformers_twin(model, backend)
+    row = Row("transformers", backend, ids.shape[0])
+    if settings.mode == "forward":
+
+        def run() -> object:
+            return twin(ids)
+    else:
+        mask = torch.ones_like(ids)
+
+        def run() -> object:
+            return twin.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=settings.new_tokens,
+                min_new_tokens=settings.new_tokens,
+                pad_token_id=0,
+            )
+
+    with torch.no_grad():
+        row.seconds, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
+    row.tokens = _tokens_per_run(ids, settings)
+    return row
+
+
+def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], object]:
+    return lambda: model(ids)
+
+
+def _generate_run(model: PhiForCausalLM, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = ids.tolist()
+    return lambda: sum(1 for _ in generate(model, None, prompts, params))
+
+
+def _tokens_per_run(ids: torch.Tensor, settings: BenchSettings) -> int:
+    return ids.numel() if settings.mode == "forward" else ids.shape[0] * settings.new_tokens
+
+
+def metadata(settings: BenchSettings, model: PhiForCausalLM) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.device(settings.device).type == "cuda" else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers,
+        "hidden_size": model.config.hidden_size,
+        "reduced_layers": settings.layers is not None,
+    }
+    for package in ("flash_attn", "transformers"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# Outputs -----------------------------------------------------------------------------------------------------
+def write_json(report: BenchReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+CSV_FIELDS = (
+    "implementation",
+    "backend",
+    "batch_size",
+    "median_s",
+    "min_s",
+    "max_s",
+    "tokens_per_s",
+    "speedup_vs_eager",
+    "peak_memory_bytes",
+    "attention_share",
+    "skipped",
+)
+
+
+def write_csv(report: BenchReport, path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in report.to_dict()["rows"]:
+            writer.writerow(row)
+
+
+def plot_chart(report: BenchReport, path: Path) -> None:
+    """Bars of median latency per backend for each batch size, with the speedup over eager written on top."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PhiError("--plot needs matplotlib: pip install 'phi-toolkit[plot]'") from None
+    measured = [r for r in report.rows if r.seconds]
+    series = sorted({(r.implementation, r.backend) for r in measured}, key=lambda s: (s[0] != "phi_core", s[1]))
+    batches = list(report.settings.batch_sizes)
+    width = 0.8 / max(len(series), 1)
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for i, (impl, backend) in enumerate(series):
+        xs, ys, labels = [], [], []
+        for j, batch in enumerate(batches):
+            row = next(
+                (r for r in measured if (r.implementation, r.backend, r.batch_size) == (impl, backend, batch)), None
+            )
+            if row is None:
+                continue
+            xs.append(j + (i - (len(series) - 1) / 2) * width)
+            ys.append(row.median_s)
+            speedup = report.speedup(row)
+            labels.append("" if speedup is None else f"{speedup:.2f}x")
+        name = backend if impl == "phi_core" else f"{impl} {backend}"
+        bars = axis.bar(xs, ys, width, label=name)
+        axis.bar_label(bars, labels=labels, fontsize=8, padding=2)
+    s = report.settings
+    layers = f", {report.metadata['layers']} layers" if s.layers is not None else ""
+    axis.set_title(
+        f"{s.shape if s.model is None else s.model}: {s.mode}, seq {s.seq_len}, {s.dtype}{layers}\n"
+        f"{report.metadata['gpu'] or report.metadata['cpu']}",
+        fontsize=10,
+    )
+    axis.set_xticks(range(len(batches)), [str(b) for b in batches])
+    axis.set_xlabel("batch size")
+    axis.set_ylabel("median latency (s), lower is better")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    exponent = min(int(math.log(max(count, 1), 1024)), 4)
+    return f"{count / 1024**exponent:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"

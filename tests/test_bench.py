@@ -1,0 +1,149 @@
+"""`phi bench` end to end on a tiny checkpoint: table, JSON, CSV and PNG written, skipped backends explained."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from phi_cli.main import app
+from phi_core.bench import SHAPES, BenchSettings, random_model, run_benchmark
+
+ROW_FIELDS = {
+    "implementation",
+    "backend",
+    "batch_size",
+    "seconds",
+    "median_s",
+    "min_s",
+    "max_s",
+    "tokens",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "attention_seconds",
+    "attention_share",
+    "skipped",
+    "speedup_vs_eager",
+}
+
+
+def test_whole_pipeline_on_a_tiny_checkpoint(lm_checkpoint, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_csv, png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "chart.png"
+    args = [
+        "bench",
+        "-m",
+        str(lm_checkpoint),
+        "--seq-len",
+        "16",
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "2",
+        "--against",
+        "transformers",
+        "--output",
+        str(out_json),
+        "--output",
+        str(out_csv),
+        "--plot",
+        str(png),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "vs eager" in result.stdout
+    assert "skipped flash_attention_2: flash_attention_2 needs a CUDA device" in result.stderr
+    report = json.loads(out_json.read_text())
+    assert report["settings"]["seq_len"] == 16 and report["settings"]["batch_sizes"] == [1, 2]
+    assert {"date", "torch", "cpu", "threads", "transformers", "flash_attn", "parameters"} <= report["metadata"].keys()
+    rows = report["rows"]
+    assert all(set(row) == ROW_FIELDS for row in rows)
+    measured = [(r["implementation"], r["backend"], r["batch_size"]) for r in rows if not r["skipped"]]
+    assert measured == [
+        ("phi_core", "eager", 1),
+        ("transformers", "eager", 1),
+        ("phi_core", "sdpa", 1),
+        ("transformers", "sdpa", 1),
+        ("phi_core", "eager", 2),
+        ("transformers", "eager", 2),
+        ("phi_core", "sdpa", 2),
+        ("transformers", "sdpa", 2),
+    ]
+    for row in rows:
+        if row["skipped"]:
+            assert row["backend"] == "flash_attention_2" and row["seconds"] == []
+            continue
+        assert len(row["seconds"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["tokens"] == 16 * row["batch_size"] and row["peak_memory_bytes"] > 0
+    assert (
+        next(r for r in rows if r["backend"] == "eager" and r["implementation"] == "phi_core")["speedup_vs_eager"]
+        == 1.0
+    )
+    with out_csv.open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_mode_counts_new_tokens(lm_checkpoint):
+    report = run_benchmark(
+        BenchSettings(
+            model=str(lm_checkpoint),
+            backends=("sdpa",),
+            seq_len=8,
+            batch_sizes=(2,),
+            mode="generate",
+            new_tokens=5,
+            warmup=0,
+            repeats=1,
+        )
+    )
+    (row,) = report.rows
+    assert row.tokens == 10 and row.tokens_per_s > 0 and row.attention_seconds is None
+
+
+def test_only_backend_asked_for_that_cannot_run_is_an_error(lm_checkpoint):
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "-m",
+            str(lm_checkpoint),
+            "--attn",
+            "flash_attention_2",
+            "--dtype",
+            "float16",
+            "--seq-len",
+            "8",
+            "--batch-sizes",
+            "1",
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.stderr == "error: flash_attention_2 needs a CUDA device, not cpu\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attn", "flex"], "--attn 'flex' is not a backend"),
+        (["--batch-sizes", "1,x"], "comma-separated"),
+        (["--batch-sizes", "0"], "positive"),
+        (["--output", "r.txt"], "use a .json or .csv"),
+        (["--shape", "phi-3"], "--shape"),
+    ],
+)
+def test_bad_options(args, message):
+    result = CliRunner().invoke(app, ["bench", "--quick", *args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_random_model_has_the_real_shape_in_the_target_dtype():
+    model = random_model(
+        SHAPES["phi-2"].__class__(**{**SHAPES["phi-2"].__dict__, "num_hidden_layers": 1}), torch.bfloat16, "cpu"
+    )
+    assert model.model.embed_tokens.weight.shape == (51200, 2560)
+    assert model.config.rotary_dim == 32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
