@@ -131,6 +131,8 @@ def random_model(config: PhiConfig, dtype: torch.dtype, device: str, seed: int =
     with torch.device("meta"):
         model = PhiForCausalLM(config)
     model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie the head again
+        model.lm_head.weight = model.model.embed_tokens.weight
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
