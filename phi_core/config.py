@@ -1,6 +1,6 @@
 """The Phi model configuration: one frozen dataclass, with a constructor per on-disk format.
 
-Formats read (facts in ``docs/formats.md``):
+Formats read (facts in ``docs/convert.md``):
 
 * Hugging Face ``config.json`` as transformers 4.37-4.57 write it (``rope_theta``, ``partial_rotary_factor``,
   ``rope_scaling``, ``torch_dtype``) and as transformers 5.x write it (``rope_parameters``, ``dtype``);
