@@ -41,6 +41,9 @@ class AttentionMask:
     @cached_property
     def allowed(self) -> torch.Tensor:
         """Dense boolean mask (batch or 1, 1, new, total)."""
+        if self.key_valid is not None and self.new == 1:
+            # One new token may see every real key: the padding mask itself is the answer (a view, no copy).
+            return self.key_valid[:, None, None, :]
         query_pos = torch.arange(self.past, self.total, device=self.device)[:, None]
         key_pos = torch.arange(self.total, device=self.device)[None, :]
         causal = key_pos <= query_pos

@@ -250,7 +250,6 @@ def generate(
         batch.drop(finished)
         step_tokens = tokens[[s for s in range(len(tokens)) if s not in set(finished)]]
         logits = batch.step(model, step_tokens)
-        timing.decode_s = time.perf_counter() - decode_started
     timing.decode_s = time.perf_counter() - decode_started
 
 
