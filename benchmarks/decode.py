@@ -23,20 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phi_core.bench import SHAPES, random_model, transformers_twin
-from phi_core.config import PhiConfig
 from phi_core.generation import GenerationParams, Timing, generate
-
-# The embedded tiny model's shape (scripts/train_tiny.py).
-TINY = PhiConfig(
-    vocab_size=51200,
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-)
 
 
 def gemv_bandwidth(dtype: torch.dtype, repeats: int = 20) -> float:
@@ -96,7 +83,7 @@ def weight_bytes(model) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="phi-1.5", choices=[*SHAPES, "tiny"])
+    parser.add_argument("--shape", default="phi-1.5", choices=list(SHAPES))
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable) [1, 8]")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -108,7 +95,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    config = TINY if args.shape == "tiny" else SHAPES[args.shape]
+    config = SHAPES[args.shape]
     config = replace(config, max_position_embeddings=max(config.max_position_embeddings, 2048))
     model = random_model(config, dtype, "cpu")
     twin = transformers_twin(model, "sdpa")

@@ -24,7 +24,7 @@ def bench_command(
         ),
     ] = None,
     shape: Annotated[
-        Literal["phi-1", "phi-1.5", "phi-2"], typer.Option(help="Random weights of this real shape.")
+        Literal["phi-1", "phi-1.5", "phi-2", "tiny"], typer.Option(help="Random weights of this real shape.")
     ] = "phi-1",
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Measure this checkpoint instead of a random shape.")

@@ -11,8 +11,7 @@ from rich.text import Text
 
 from phi_cli.errors import UsageProblem
 from phi_cli.io import read_jsonl, stdin_is_piped, stdout_console, texts_from_stdin_lines, write_json_line
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, model_choice
-from phi_core import load_model, load_tokenizer
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, load_for_task
 from phi_core.classify import Classification, classify
 from phi_core.tagging import TaggedText, tag
 
@@ -56,11 +55,7 @@ def classify_command(
     phi classify --input snippets.jsonl --all-scores > labelled.jsonl
     """
     records = _records(texts, input_file)
-    choice = model_choice("sequence-classification", model, revision, dtype, attn, device)
-    classifier = load_model(
-        choice.source, "sequence-classification", choice.dtype, choice.attn, choice.device, choice.revision
-    )
-    tokenizer = load_tokenizer(choice.source, choice.revision)
+    classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device)
     shown = len(classifier.config.id2label) if all_scores else top_k
     results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
     if _as_json(json_output):
@@ -98,11 +93,7 @@ def tag_command(
     phi tag --aggregate none --json "x = 1"
     """
     records = _records(texts, input_file)
-    choice = model_choice("token-classification", model, revision, dtype, attn, device)
-    tagger = load_model(
-        choice.source, "token-classification", choice.dtype, choice.attn, choice.device, choice.revision
-    )
-    tokenizer = load_tokenizer(choice.source, choice.revision)
+    tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device)
     ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
     as_json = _as_json(json_output)

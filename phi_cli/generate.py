@@ -9,8 +9,7 @@ import typer
 
 from phi_cli.errors import UsageProblem
 from phi_cli.io import progress_bar, read_jsonl, stderr, stdin_is_piped, write_json_line
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, model_choice
-from phi_core import load_model, load_tokenizer
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, load_for_task
 from phi_core.completion import PROMPT_FORMATS, Completion, PromptToken, complete
 from phi_core.generation import GenerationParams, SamplingParams
 
@@ -82,9 +81,7 @@ def generate_command(
         ignore_eos=ignore_eos,
         sampling=SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed),
     )
-    choice = model_choice("causal-lm", model, revision, dtype, attn, device)
-    lm = load_model(choice.source, "causal-lm", choice.dtype, choice.attn, choice.device, choice.revision)
-    tokenizer = load_tokenizer(choice.source, choice.revision)
+    lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device)
     as_json = json_output or input_file is not None
     results = complete(
         lm, tokenizer, [r["prompt"] for r in records], params, batch_size, prompt_format, truncate == "left"

@@ -8,8 +8,10 @@ from typing import Annotated, Literal, get_args
 import torch
 import typer
 
+from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.embedded import DEFAULT_FOR_TASK
+from phi_core.model import PhiPreTrained
 
 MODEL_PANEL = "Model"
 
@@ -60,3 +62,12 @@ def model_choice(
     if dtype is None:
         dtype = "float32" if device == "cpu" else "float16"
     return ModelChoice(model or DEFAULT_FOR_TASK[task], revision, dtype, attn, device)
+
+
+def load_for_task(
+    task: str, model: str | None, revision: str | None, dtype: str | None, attn: str, device: str | None
+) -> tuple[PhiPreTrained, PhiTokenizer]:
+    """The model for ``task`` from the shared model options (the embedded default when none), and its tokenizer."""
+    choice = model_choice(task, model, revision, dtype, attn, device)
+    loaded = load_model(choice.source, task, choice.dtype, choice.attn, choice.device, choice.revision)
+    return loaded, load_tokenizer(choice.source, choice.revision)

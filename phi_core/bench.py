@@ -26,6 +26,7 @@ import torch
 
 from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, attention_function, check_backend
 from phi_core.config import PhiConfig
+from phi_core.embedded import TINY_CONFIG
 from phi_core.errors import BackendUnavailableError, PhiError
 from phi_core.generation import GenerationParams, generate
 from phi_core.model import PhiForCausalLM
@@ -35,6 +36,7 @@ SHAPES: dict[str, PhiConfig] = {
     "phi-1": PhiConfig(),
     "phi-1.5": PhiConfig(),
     "phi-2": PhiConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, partial_rotary_factor=0.4),
+    "tiny": TINY_CONFIG,
 }
 
 

@@ -9,7 +9,25 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from phi_core.config import PhiConfig
 from phi_core.errors import CheckpointError
+
+# The shape of the embedded models (scripts/train_tiny.py trains it): the real Phi vocabulary and tokenizer, a
+# small tied-embedding decoder.
+TINY_CONFIG = PhiConfig(
+    vocab_size=51200,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=50256,
+    eos_token_id=50256,
+    torch_dtype="float16",
+)
 
 # name -> (folder under assets/, what it is)
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {

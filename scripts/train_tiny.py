@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phi_core.config import PhiConfig  # noqa: E402
+from phi_core.embedded import TINY_CONFIG  # noqa: E402
 from phi_core.loading import load_model  # noqa: E402
 from phi_core.model import PhiForCausalLM  # noqa: E402
 from phi_core.saving import atomic_folder, copy_tokenizer, save_model, write_config  # noqa: E402
@@ -46,20 +47,6 @@ from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder  # noqa: E402
 TOKENIZER_DIR = ROOT / "phi_core" / "assets" / "tokenizer"
 SEED = 1234
 NEVER_SEEN_BIAS = -20.0
-TINY_CONFIG = PhiConfig(
-    vocab_size=51200,
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    partial_rotary_factor=0.5,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-    bos_token_id=50256,
-    eos_token_id=50256,
-    torch_dtype="float16",
-)
 TAGS = ("O", "KEYWORD", "NAME", "STRING", "NUMBER", "COMMENT", "OP")
 KINDS = ("code", "prose")
 
