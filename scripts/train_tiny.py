@@ -85,8 +85,8 @@ def split_files(limit: int | None) -> tuple[list[Path], list[Path]]:
     files = stdlib_files(limit)
     held = [p for p in files if is_held_out(p)]
     train = [p for p in files if not is_held_out(p)]
-    if not held:  # tiny smoke runs may hash no file out: hold out the last one
-        held, train = train[-1:], train[:-1]
+    if len(held) < 3:  # small smoke runs may hash (almost) no file out: hold out the last few
+        held, train = held + train[-3:], train[:-3]
     return train, held
 
 
@@ -325,7 +325,7 @@ def train_heads(args: argparse.Namespace) -> dict[str, float]:
     train_files, held_files = split_files(args.limit_files)
     rng = random.Random(SEED)
     train_files = rng.sample(train_files, min(args.head_files, len(train_files)))
-    held_files = held_files[: max(1, args.head_files // 10)]
+    held_files = held_files[: max(3, args.head_files // 10)]
 
     def tagged(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -343,6 +343,8 @@ def train_heads(args: argparse.Namespace) -> dict[str, float]:
             for text, label in code_and_prose(path)[: args.snippets_per_file]:
                 xs.append(features(model, tokenizer.encode(text))[-1])
                 ys.append(label)
+        if not xs:
+            raise SystemExit(f"no code/prose snippets in {len(files)} files: use more files")
         return torch.stack(xs), torch.tensor(ys)
 
     x_tag, y_tag = tagged(train_files)
