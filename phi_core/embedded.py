@@ -50,8 +50,3 @@ def embedded_model_path(name: str) -> Path | None:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"embedded model {name!r} is not built in this installation (run `make tiny-model`)")
     return folder
-
-
-def tokenizer_assets() -> Path:
-    """The real Phi-1.5 tokenizer files shipped with the package."""
-    return Path(str(resources.files("phi_core") / "assets" / "tokenizer"))

@@ -70,8 +70,10 @@ def save_model(
     dtype: torch.dtype | None = None,
     tokenizer_dir: Path | None = None,
     force: bool = False,
+    tokenizer_files: tuple[str, ...] | None = None,
 ) -> None:
-    """Save ``model`` as a current-layout checkpoint folder (with the tokenizer files of ``tokenizer_dir``)."""
+    """Save ``model`` as a current-layout checkpoint folder, with the tokenizer files of ``tokenizer_dir`` (all, or
+    only ``tokenizer_files``)."""
     with atomic_folder(output, force=force) as staging:
         config = model.config
         if dtype is not None:
@@ -79,13 +81,14 @@ def save_model(
         write_config(staging, config, task)
         save_file(model_tensors(model, dtype), str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, staging)
+            copy_tokenizer(tokenizer_dir, staging, tokenizer_files)
 
 
-def copy_tokenizer(source: Path, target: Path) -> None:
+def copy_tokenizer(source: Path, target: Path, names: tuple[str, ...] | None = None) -> None:
+    """Copy the tokenizer files of ``source`` that exist (all of them, or only ``names``)."""
     from phi_core.tokenizer import TOKENIZER_FILES
 
-    for name in TOKENIZER_FILES:
+    for name in names or TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
 

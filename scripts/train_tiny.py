@@ -44,8 +44,18 @@ from phi_core.model import PhiForCausalLM  # noqa: E402
 from phi_core.saving import atomic_folder, copy_tokenizer, save_model, write_config  # noqa: E402
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder  # noqa: E402
 
-TOKENIZER_DIR = ROOT / "phi_core" / "assets" / "tokenizer"
+# The real Phi-1.5 tokenizer: from ../shared in a development checkout, else the copy in the shipped model.
+TOKENIZER_DIR = next(
+    (
+        d
+        for d in (ROOT.parent / "shared" / "phi-1_5-tokenizer", ROOT / "phi_core" / "assets" / "tiny")
+        if (d / "tokenizer.json").is_file()
+    ),
+    ROOT.parent / "shared" / "phi-1_5-tokenizer",
+)
 SEED = 1234
+# tokenizer.json alone carries the whole tokenizer; the slow-tokenizer files would add 1.3 MB per model.
+SHIPPED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 NEVER_SEEN_BIAS = -20.0
 TAGS = ("O", "KEYWORD", "NAME", "STRING", "NUMBER", "COMMENT", "OP")
 KINDS = ("code", "prose")
@@ -190,7 +200,15 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
         "python": sys.version.split()[0],
     }
     print(json.dumps(metrics), flush=True)
-    save_model(model, Path(args.out), "causal-lm", dtype=torch.float16, tokenizer_dir=TOKENIZER_DIR, force=True)
+    save_model(
+        model,
+        Path(args.out),
+        "causal-lm",
+        dtype=torch.float16,
+        tokenizer_dir=TOKENIZER_DIR,
+        force=True,
+        tokenizer_files=SHIPPED_TOKENIZER_FILES,
+    )
     (Path(args.out) / "training.json").write_text(
         json.dumps({"settings": vars(args), **metrics}, indent=2, default=str) + "\n"
     )
@@ -409,7 +427,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     lm = sub.add_parser("lm", help="train the causal LM")
-    lm.add_argument("--steps", type=int, default=3000)
+    lm.add_argument("--steps", type=int, default=1300)
     lm.add_argument("--batch", type=int, default=16)
     lm.add_argument("--seq-len", type=int, default=256)
     lm.add_argument("--lr", type=float, default=3e-3)

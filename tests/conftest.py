@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_core" / "assets" / "tokenizer"
+# The real Phi-1.5 tokenizer files, beside the checkout (CI clones next to ../shared).
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "phi-1_5-tokenizer"
 
 # Small versions of the real shapes; each test picks one and overrides what it checks.
 TINY = dict(

@@ -59,6 +59,19 @@ def test_lm_checkpoint_is_a_normal_full_vocabulary_phi(smoke_models):
     root, metrics, _ = smoke_models
     assert metrics["steps"] == 3 and metrics["held_out_loss"] > 0
     assert json.loads((root / "tiny" / "training.json").read_text())["held_out_perplexity"] > 1
+    assert sorted(p.name for p in (root / "tiny").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training.json",
+    ]
+    text = "def f(x):\n    return x"
+    assert transformers.AutoTokenizer.from_pretrained(root / "tiny")(text)["input_ids"] == phi_core.load_tokenizer(
+        root / "tiny"
+    ).encode(text)
     ours = phi_core.load_model(root / "tiny")
     theirs = transformers.PhiForCausalLM.from_pretrained(root / "tiny", dtype=torch.float32)
     assert ours.config.vocab_size == 51200 and ours.config.tie_word_embeddings
