@@ -6,6 +6,8 @@ in fp32 from integer positions, and the rotation itself runs in fp32, as Microso
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from phi_core.config import PhiConfig
@@ -13,18 +15,21 @@ from phi_core.config import PhiConfig
 
 def inverse_frequencies(config: PhiConfig, seq_len: int, device: torch.device | str) -> torch.Tensor:
     """The ``rotary_dim / 2`` inverse frequencies for a sequence of ``seq_len`` positions."""
-    dim = config.rotary_dim
     base = config.rope_theta
     scaling = config.rope_scaling
     if scaling is not None and scaling.kind == "dynamic" and seq_len > config.max_position_embeddings:
         # NTK-aware: raise the base so the lowest frequency still spans the longer sequence.
         stretch = scaling.factor * seq_len / config.max_position_embeddings - (scaling.factor - 1)
-        base = base * stretch ** (dim / (dim - 2))
+        base = base * stretch ** (config.rotary_dim / (config.rotary_dim - 2))
+    linear = scaling.factor if scaling is not None and scaling.kind == "linear" else 1.0
+    return _inverse_frequencies(config.rotary_dim, base, linear, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_frequencies(dim: int, base: float, linear_factor: float, device: str) -> torch.Tensor:
+    # Cached: a decode step would otherwise rebuild the same few numbers on every call.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (base**exponents)
-    if scaling is not None and scaling.kind == "linear":
-        inv_freq = inv_freq / scaling.factor
-    return inv_freq
+    return 1.0 / (base**exponents) / linear_factor
 
 
 def rotary_angles(config: PhiConfig, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
