@@ -15,7 +15,6 @@ from phi_cli.options import DeviceOpt, DtypeOpt, QuietOpt
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.bench import BenchReport, BenchSettings, format_bytes, plot_chart, run_benchmark, write_csv, write_json
 
-
 CPU_DEFAULT_LAYERS = 2  # the full 24-layer sweep takes hours on a small CPU
 
 
