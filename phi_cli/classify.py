@@ -10,8 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from phi_cli.errors import UsageProblem
-from phi_cli.io import read_jsonl, stdin_is_piped, stdout_console, texts_from_stdin_lines, write_json_line
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, load_for_task
+from phi_cli.io import progress_bar, read_jsonl, stdin_is_piped, stdout_console, texts_from_stdin_lines, write_json_line
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, load_for_task
 from phi_core.classify import Classification, classify
 from phi_core.tagging import TaggedText, tag
 
@@ -42,6 +42,7 @@ def classify_command(
     batch_size: BatchOpt = 8,
     json_output: JsonOpt = False,
     truncate: TruncateOpt = False,
+    quiet: QuietOpt = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = None,
@@ -58,11 +59,13 @@ def classify_command(
     classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device)
     shown = len(classifier.config.id2label) if all_scores else top_k
     results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
-    if _as_json(json_output):
+    if not _as_json(json_output):
+        _print_table(list(results), shown)
+        return
+    with progress_bar(len(records), "classifying", enabled=len(records) > 1 and not quiet) as advance:
         for result in results:
             write_json_line(_classification_record(records[result.index], result, shown, top_k > 1 or all_scores))
-        return
-    _print_table(list(results), shown)
+            advance()
 
 
 def tag_command(
@@ -80,6 +83,7 @@ def tag_command(
     batch_size: BatchOpt = 8,
     json_output: JsonOpt = False,
     truncate: TruncateOpt = False,
+    quiet: QuietOpt = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = None,
@@ -98,11 +102,13 @@ def tag_command(
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
     as_json = _as_json(json_output)
     labels = list(tagger.config.id2label.values())
-    for result in results:
-        if as_json:
-            write_json_line(_tag_record(records[result.index], result))
-        else:
-            _print_tagged(result, labels)
+    with progress_bar(len(records), "tagging", enabled=as_json and len(records) > 1 and not quiet) as advance:
+        for result in results:
+            if as_json:
+                write_json_line(_tag_record(records[result.index], result))
+            else:
+                _print_tagged(result, labels)
+            advance()
 
 
 def _records(texts: list[str] | None, input_file: str | None) -> list[dict[str, Any]]:
