@@ -53,7 +53,7 @@ def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, floa
     mask = torch.ones_like(ids)
     with torch.no_grad():
         start = time.perf_counter()
-        twin(ids, attention_mask=mask)
+        twin(ids, attention_mask=mask, logits_to_keep=1)  # last position only, as generate() and ours do
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         twin.generate(
