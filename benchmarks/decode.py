@@ -45,7 +45,9 @@ def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
     with torch.no_grad():
         count = sum(1 for _ in generate(model, None, prompts, params, timing))
-    return timing.prefill_s, count / timing.decode_s if timing.decode_s else 0.0
+    # The first new token comes from the prefill's logits: decode_s covers the other new_tokens - 1 steps.
+    steps = count - len(prompts)
+    return timing.prefill_s, steps / timing.decode_s if timing.decode_s else 0.0
 
 
 def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
