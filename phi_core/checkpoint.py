@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from phi_core.embedded import embedded_model_path
 from phi_core.errors import CheckpointError
 from phi_core.tokenizer import TOKENIZER_FILES
 
@@ -29,8 +30,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def resolve_source(source: str | os.PathLike[str], revision: str | None = None, weights: bool = True) -> Path:
     """A local folder holding the checkpoint: the folder itself, an embedded model, or a Hub snapshot."""
-    from phi_core.embedded import embedded_model_path
-
     embedded = embedded_model_path(str(source))
     if embedded is not None:
         return embedded
