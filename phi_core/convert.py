@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -23,9 +24,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from phi_core.config import PhiConfig
+from phi_core.checkpoint import PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, iter_tensors, resolve_source
+from phi_core.config import PhiConfig, detect_config_format
 from phi_core.errors import CheckpointError
+from phi_core.saving import atomic_folder, copy_tokenizer, write_config
+from phi_core.tokenizer import TOKENIZER_FILES
 
 Q_K_V = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _BLOCK = "model.layers.{i}."
@@ -271,9 +277,6 @@ def convert_checkpoint(
     Nothing from ``source`` is executed. ``output`` appears only once complete (an existing one is kept unless
     ``force``). ``on_tensor(name, nbytes)`` is called for each tensor written (progress bars).
     """
-    from phi_core.checkpoint import iter_tensors, resolve_source
-    from phi_core.saving import atomic_folder, copy_tokenizer, write_config
-    from phi_core.tokenizer import TOKENIZER_FILES
 
     folder = resolve_source(source, revision, weights=True)
     output = Path(output)
@@ -318,9 +321,6 @@ def _read_source_config(folder: Path) -> PhiConfig:
 
 def _tensor_names(folder: Path) -> list[str]:
     """Tensor names without reading the tensors (safetensors headers; a pickle has to be opened)."""
-    import json
-
-    from phi_core.checkpoint import PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, iter_tensors
 
     for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
         if (folder / index).is_file():
@@ -329,8 +329,6 @@ def _tensor_names(folder: Path) -> list[str]:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{folder / index}: not a valid shard index ({exc})") from None
     if (folder / SAFETENSORS).is_file():
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
                 return sorted(handle.keys())
@@ -341,9 +339,6 @@ def _tensor_names(folder: Path) -> list[str]:
 
 def _cross_check(layout: str, config: PhiConfig, folder: Path) -> None:
     """The weights' layout and the config's format must agree (remote keys go with remote configs)."""
-    import json
-
-    from phi_core.config import detect_config_format
 
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     remote_config = detect_config_format(raw).name != "hf"
@@ -385,9 +380,6 @@ def _write_shards(
 ) -> tuple[dict[str, int], int, int]:
     """Write tensors into ``model.safetensors`` or numbered shards plus an index; return (name -> shard, bytes,
     shard count). Only one shard's tensors are held in memory at a time."""
-    import json
-
-    from safetensors.torch import save_file
 
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, total, shard_files = 0, 0, []
