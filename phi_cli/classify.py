@@ -56,7 +56,7 @@ def classify_command(
     phi classify --input snippets.jsonl --all-scores > labelled.jsonl
     """
     records = _records(texts, input_file)
-    classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device)
+    classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device, quiet)
     shown = len(classifier.config.id2label) if all_scores else top_k
     results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
     if not _as_json(json_output):
@@ -97,7 +97,7 @@ def tag_command(
     phi tag --aggregate none --json "x = 1"
     """
     records = _records(texts, input_file)
-    tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device)
+    tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device, quiet)
     ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
     as_json = _as_json(json_output)

@@ -8,7 +8,7 @@ import typer
 from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from phi_cli.io import stderr
-from phi_cli.options import QuietOpt, RevisionOpt
+from phi_cli.options import QuietOpt, RevisionOpt, silence_notices
 from phi_core.convert import KEEP, convert_checkpoint, parse_size
 
 
@@ -34,6 +34,7 @@ def convert_command(
 
     phi convert microsoft/phi-2 ./phi-2 --revision 834565c23f9b28b96ccbeabe614dd906b6db551a --dtype float16
     """
+    silence_notices(quiet)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:

@@ -81,7 +81,7 @@ def generate_command(
         ignore_eos=ignore_eos,
         sampling=SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed),
     )
-    lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device)
+    lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
     as_json = json_output or input_file is not None
     results = complete(
         lm, tokenizer, [r["prompt"] for r in records], params, batch_size, prompt_format, truncate == "left"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
@@ -65,9 +66,23 @@ def model_choice(
 
 
 def load_for_task(
-    task: str, model: str | None, revision: str | None, dtype: str | None, attn: str, device: str | None
+    task: str,
+    model: str | None,
+    revision: str | None,
+    dtype: str | None,
+    attn: str,
+    device: str | None,
+    quiet: bool = False,
 ) -> tuple[PhiPreTrained, PhiTokenizer]:
-    """The model for ``task`` from the shared model options (the embedded default when none), and its tokenizer."""
+    """The model for ``task`` from the shared model options (the embedded default when none), and its tokenizer.
+
+    ``quiet`` silences phi_core's notices (such as converting an old layout in memory)."""
+    silence_notices(quiet)
     choice = model_choice(task, model, revision, dtype, attn, device)
     loaded = load_model(choice.source, task, choice.dtype, choice.attn, choice.device, choice.revision)
     return loaded, load_tokenizer(choice.source, choice.revision)
+
+
+def silence_notices(quiet: bool) -> None:
+    """phi_core logs notices (not errors) on the "phi_core" logger; --quiet turns them off."""
+    logging.getLogger("phi_core").setLevel(logging.ERROR if quiet else logging.WARNING)

@@ -14,11 +14,9 @@ layer 0); ``{head}`` is A's head index ``n_layer + 1``. Every source key must ma
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import logging
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +31,7 @@ from phi_core.errors import CheckpointError
 from phi_core.saving import atomic_folder, copy_tokenizer, write_config
 from phi_core.tokenizer import TOKENIZER_FILES
 
+log = logging.getLogger("phi_core")
 Q_K_V = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _BLOCK = "model.layers.{i}."
 
@@ -161,14 +160,15 @@ def detect_layout(keys: Iterable[str]) -> str:
 def to_current_layout(
     state: dict[str, torch.Tensor], config: PhiConfig, task: str, folder: Path
 ) -> dict[str, torch.Tensor]:
-    """The state dict in the current layout, converting an old layout in memory (with a notice on stderr)."""
+    """The state dict in the current layout, converting an old layout in memory (with a logged notice)."""
     layout = detect_layout(state)
     if layout == CURRENT:
         return {HEAD_ALIASES.get(k, k): v for k, v in state.items()}
-    print(
-        f"note: {folder} is in the old {layout} layout; converting in memory "
-        f"(`phi convert {folder} NEW_FOLDER` saves a converted copy)",
-        file=sys.stderr,
+    log.warning(
+        "note: %s is in the old %s layout; converting in memory (`phi convert %s NEW_FOLDER` saves a converted copy)",
+        folder,
+        layout,
+        folder,
     )
     return dict(convert_tensors(state.items(), config, layout, folder))
 
@@ -419,7 +419,7 @@ def _write_shards(
 
 def _check_tokenizer_copied(source: Path, staging: Path, names: tuple[str, ...]) -> None:
     if not any((staging / name).is_file() for name in names):
-        print(f"note: {source} has no tokenizer files; the converted checkpoint has none either", file=sys.stderr)
+        log.warning("note: %s has no tokenizer files; the converted checkpoint has none either", source)
 
 
 def _verify(source: Path, converted: Path) -> float:
@@ -427,8 +427,11 @@ def _verify(source: Path, converted: Path) -> float:
     phi_core on the same fixed tokens."""
     from phi_core.loading import load_model
 
-    with contextlib.redirect_stderr(io.StringIO()):  # the in-memory conversion notice would only repeat us
+    log.disabled = True  # the in-memory conversion notice would only repeat what the converter says
+    try:
         original = load_model(source, dtype="float32", attn="eager")
+    finally:
+        log.disabled = False
     result = load_model(converted, dtype="float32", attn="eager")
     generator = torch.Generator().manual_seed(0)
     length = min(32, original.config.max_position_embeddings)

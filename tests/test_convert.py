@@ -196,11 +196,11 @@ def test_converted_checkpoint_loads_in_transformers_with_same_logits(tmp_path, c
 
 
 @pytest.mark.parametrize("case", ["A-rotary-0.5-bin", "B-gqa-shards", "C-rotary-0.4-safetensors"])
-def test_load_model_reads_old_layouts_directly(tmp_path, case, capsys):
+def test_load_model_reads_old_layouts_directly(tmp_path, case, caplog):
     original, source = build_old(tmp_path, case)
     ours = phi_core.load_model(source)
     assert (ours(IDS).logits - logits(original, IDS)).abs().max() <= 1e-4
-    assert "phi convert" in capsys.readouterr().err
+    assert "converting in memory (`phi convert" in caplog.text
 
 
 def test_round_trip_current_layout_with_dtype_and_shards(tmp_path, make_checkpoint):
