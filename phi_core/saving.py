@@ -38,12 +38,22 @@ def atomic_folder(output: Path, force: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         yield staging
+        _normal_permissions(staging)
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(staging, output)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_config(folder: Path, config: PhiConfig, task: str) -> None:
