@@ -29,7 +29,7 @@ from phi_core.config import PhiConfig
 from phi_core.embedded import TINY_CONFIG
 from phi_core.errors import BackendUnavailableError, PhiError
 from phi_core.generation import GenerationParams, generate
-from phi_core.model import PhiForCausalLM
+from phi_core.model import PhiForCausalLM, store_linears_column_major
 
 Mode = Literal["forward", "generate"]
 SHAPES: dict[str, PhiConfig] = {
@@ -144,6 +144,7 @@ def random_model(config: PhiConfig, dtype: torch.dtype, device: str, seed: int =
                 param.zero_()
             else:
                 param.normal_(0.0, 0.02, generator=generator)
+    store_linears_column_major(model)
     return model.eval().requires_grad_(False)
 
 
@@ -173,7 +174,9 @@ def transformers_twin(model: PhiForCausalLM, backend: str) -> torch.nn.Module:
     param = next(model.parameters())
     with torch.device("meta"):
         twin = transformers.PhiForCausalLM(hf_config)
-    twin.load_state_dict(model.state_dict(), strict=True, assign=True)  # shares our tensors: no second copy
+    # The twin gets its own row-major copies, as transformers' from_pretrained would give it: sharing our
+    # column-major tensors would hand it phi_core's weight layout.
+    twin.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, strict=True, assign=True)
     # Rotary frequencies are a non-persistent buffer, so the meta build left them empty: make them for real.
     twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config)
     return twin.to(param.device).eval()

@@ -237,7 +237,8 @@ def generate(
     while True:
         _check_finite(logits)
         tokens = choose_tokens(logits.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        scores = logits.float()
+        logprobs = scores.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
         finished = []
         for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(), strict=True)):
             counts[row] += 1
@@ -249,7 +250,7 @@ def generate(
             break
         batch.drop(finished)
         step_tokens = tokens[[s for s in range(len(tokens)) if s not in set(finished)]]
-        logits = batch.step(model, step_tokens)
+        logits = batch.step(model, step_tokens, track_seen=params.sampling.repetition_penalty != 1.0)
     timing.decode_s = time.perf_counter() - decode_started
 
 
@@ -316,11 +317,12 @@ class _Batch:
         mask = self.mask[:, :width]
         return model(self.prompt_ids, attention_mask=mask, cache=self.cache, last_only=True).logits[:, -1]
 
-    def step(self, model: PhiForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, model: PhiForCausalLM, tokens: torch.Tensor, track_seen: bool) -> torch.Tensor:
         """Record ``tokens`` as the rows' newest tokens and run one decode step on them."""
         column = self.cache.length
         self.mask[:, column] = True
-        self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        if track_seen:  # only the repetition penalty reads it
+            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
         logits = model(
             tokens[:, None],
             attention_mask=self.mask[:, : column + 1],

@@ -14,7 +14,7 @@ from phi_core.checkpoint import read_state_dict, resolve_source
 from phi_core.config import PhiConfig
 from phi_core.convert import to_current_layout
 from phi_core.errors import CheckpointError
-from phi_core.model import TASK_MODELS, PhiPreTrained
+from phi_core.model import TASK_MODELS, PhiPreTrained, store_linears_column_major
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +56,7 @@ def load_model(
         model = TASK_MODELS[task](config)
     _assign_weights(model, state, torch_dtype, folder)
     model.to(device)
+    store_linears_column_major(model)
     model.set_attention_backend(attn)
     return model.eval().requires_grad_(False)
 

@@ -227,6 +227,24 @@ class PhiForTokenClassification(PhiPreTrained):
         return TokenClassifierOutput(logits=self.score(self.model(input_ids, attention_mask)))
 
 
+def store_linears_column_major(model: nn.Module) -> None:
+    """Keep every Linear weight (out, in) as a transposed view of an (in, out) contiguous tensor.
+
+    The math is unchanged; what changes is the memory order the CPU matrix kernels read. Measured on a 2-core
+    AMD EPYC with torch 2.13 (fp32): a 51200 x 128 head times one vector takes 1.65 ms instead of 3.13 ms,
+    2048 x 8192 times 8 rows 17.2 ms instead of 25.0 ms, and no shape got slower (docs/performance.md).
+    A tied head shares the embedding, whose one-row lookups do not mind the order.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.device.type == "cpu":
+            weight = module.weight
+            column_major = torch.empty_strided(weight.shape, (1, weight.shape[0]), dtype=weight.dtype)
+            column_major.copy_(weight.detach())
+            module.weight = nn.Parameter(column_major, requires_grad=weight.requires_grad)
+    if isinstance(model, PhiForCausalLM) and model.config.tie_word_embeddings:
+        model.model.embed_tokens.weight = model.lm_head.weight
+
+
 TASK_MODELS: dict[str, type[PhiPreTrained]] = {
     "causal-lm": PhiForCausalLM,
     "sequence-classification": PhiForSequenceClassification,
