@@ -75,12 +75,12 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, so a converter can hold one tensor at a time."""
     if (folder / SAFETENSORS_INDEX).is_file():
-        for shard, keys in _shards(folder / SAFETENSORS_INDEX).items():
+        for shard, keys in shard_index(folder / SAFETENSORS_INDEX).items():
             yield from _safetensors_tensors(shard, keys)
     elif (folder / SAFETENSORS).is_file():
         yield from _safetensors_tensors(folder / SAFETENSORS)
     elif (folder / PICKLE_INDEX).is_file():
-        for shard, keys in _shards(folder / PICKLE_INDEX).items():
+        for shard, keys in shard_index(folder / PICKLE_INDEX).items():
             yield from ((k, v) for k, v in _pickle_tensors(shard) if k in keys)
     elif (folder / PICKLE).is_file():
         yield from _pickle_tensors(folder / PICKLE)
@@ -90,7 +90,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         )
 
 
-def _shards(index_path: Path) -> dict[Path, set[str]]:
+def shard_index(index_path: Path) -> dict[Path, set[str]]:
     """Each shard file of an index with the tensor names the index takes from it (a shard may hold more)."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]

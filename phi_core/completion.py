@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from phi_core.batching import batches
 from phi_core.errors import PhiError
 from phi_core.generation import FinishReason, GenerationParams, Timing, TokenEvent, fit_prompt, generate
 from phi_core.model import PhiForCausalLM
@@ -73,13 +74,11 @@ def complete(
     """Generate for every prompt, ``batch_size`` at a time; yield tokens as they come and completions per batch."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r} (choose one of {', '.join(PROMPT_FORMATS)})")
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     fmt = PROMPT_FORMATS[prompt_format]
     params = replace(params, stop=(*params.stop, *fmt.stop))
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        yield from _complete_batch(model, tokenizer, batch, fmt, start, params, truncate)
+    for chunk in batches(len(prompts), batch_size):
+        batch = [prompts[i] for i in chunk]
+        yield from _complete_batch(model, tokenizer, batch, fmt, chunk.start, params, truncate)
 
 
 def _complete_batch(

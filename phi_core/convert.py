@@ -25,10 +25,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from phi_core.checkpoint import PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, iter_tensors, resolve_source
+from phi_core.checkpoint import (
+    PICKLE_INDEX,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    iter_tensors,
+    resolve_source,
+    shard_index,
+)
 from phi_core.config import PhiConfig, detect_config_format
 from phi_core.errors import CheckpointError
-from phi_core.saving import atomic_folder, copy_tokenizer, write_config
+from phi_core.saving import atomic_folder, copy_tokenizer, with_dtype, write_config
 from phi_core.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("phi_core")
@@ -143,6 +150,23 @@ LAYOUTS: tuple[Layout, ...] = (
 CURRENT = "current"
 # transformers 4.36-4.47 named the token-classification head `classifier`; later versions call it `score`.
 HEAD_ALIASES = {"classifier.weight": "score.weight", "classifier.bias": "score.bias"}
+
+
+HEADS = {
+    "causal-lm": ("a causal-LM head", "lm_head.weight"),
+    "sequence-classification": ("a sequence-classification head", "score.weight without bias"),
+    "token-classification": ("a token-classification head", "score.weight and score.bias"),
+}
+
+
+def head_of(keys: Iterable[str]) -> str | None:
+    """Which task head a set of (current-layout) tensor names carries, if any."""
+    keys = set(keys)
+    if "lm_head.bias" in keys or "lm_head.weight" in keys:
+        return "causal-lm"
+    if "score.weight" in keys:
+        return "token-classification" if "score.bias" in keys else "sequence-classification"
+    return None
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -289,9 +313,9 @@ def convert_checkpoint(
     _cross_check(layout, config, folder)
     config = _fill_token_ids(config)
     if target_dtype is not None:
-        config = _replace_dtype(config, target_dtype)
+        config = with_dtype(config, target_dtype)
     elif config.torch_dtype is None:
-        config = _replace_dtype(config, None)
+        config = with_dtype(config, torch.float32)
     tensors = iter_tensors(folder)
     converted = (
         ((HEAD_ALIASES.get(k, k), v) for k, v in tensors)
@@ -300,7 +324,7 @@ def convert_checkpoint(
     )
     with atomic_folder(output, force=force) as staging:
         written, total, shards = _write_shards(converted, staging, target_dtype, max_shard_size, on_tensor)
-        write_config(staging, config, "causal-lm" if "lm_head.bias" in written else _task_of(written))
+        write_config(staging, config, head_of(written) or "causal-lm")
         copy_tokenizer(folder, staging)
         _check_tokenizer_copied(folder, staging, TOKENIZER_FILES)
         diff = _verify(folder, staging) if verify else None
@@ -324,10 +348,7 @@ def _tensor_names(folder: Path) -> list[str]:
 
     for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
         if (folder / index).is_file():
-            try:
-                return sorted(json.loads((folder / index).read_text())["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{folder / index}: not a valid shard index ({exc})") from None
+            return sorted(key for keys in shard_index(folder / index).values() for key in keys)
     if (folder / SAFETENSORS).is_file():
         try:
             with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
@@ -360,15 +381,6 @@ def _fill_token_ids(config: PhiConfig) -> PhiConfig:
         bos_token_id=ENDOFTEXT_ID if config.bos_token_id is None else config.bos_token_id,
         eos_token_id=ENDOFTEXT_ID if config.eos_token_id is None else config.eos_token_id,
     )
-
-
-def _replace_dtype(config: PhiConfig, dtype: torch.dtype | None) -> PhiConfig:
-    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    return replace(config, torch_dtype=name)
-
-
-def _task_of(names: dict[str, int]) -> str:
-    return "token-classification" if "score.bias" in names else "sequence-classification"
 
 
 def _write_shards(

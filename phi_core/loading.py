@@ -12,7 +12,7 @@ import torch
 from phi_core.attention import check_backend
 from phi_core.checkpoint import read_state_dict, resolve_source
 from phi_core.config import PhiConfig
-from phi_core.convert import to_current_layout
+from phi_core.convert import HEADS, head_of, to_current_layout
 from phi_core.errors import CheckpointError
 from phi_core.model import TASK_MODELS, PhiPreTrained, store_linears_column_major
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder
@@ -88,22 +88,6 @@ def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype:
     model.load_state_dict(cast, strict=not tied, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-
-
-HEADS = {
-    "causal-lm": ("a causal-LM head", "lm_head.weight"),
-    "sequence-classification": ("a sequence-classification head", "score.weight without bias"),
-    "token-classification": ("a token-classification head", "score.weight and score.bias"),
-}
-
-
-def head_of(keys: set[str] | KeysView[str]) -> str | None:
-    """Which task head a set of (current-layout) tensor names carries, if any."""
-    if "lm_head.bias" in keys or "lm_head.weight" in keys:
-        return "causal-lm"
-    if "score.weight" in keys:
-        return "token-classification" if "score.bias" in keys else "sequence-classification"
-    return None
 
 
 def _check_head(model_class: type[PhiPreTrained], keys: KeysView[str], folder: Path) -> None:

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ def save_model(
     with atomic_folder(output, force=force) as staging:
         config = model.config
         if dtype is not None:
-            config = _with_dtype(config, dtype)
+            config = with_dtype(config, dtype)
         write_config(staging, config, task)
         save_file(model_tensors(model, dtype), str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dir is not None:
@@ -103,7 +104,6 @@ def copy_tokenizer(source: Path, target: Path, names: tuple[str, ...] | None = N
             shutil.copyfile(source / name, target / name)
 
 
-def _with_dtype(config: PhiConfig, dtype: torch.dtype) -> PhiConfig:
-    from dataclasses import replace
-
+def with_dtype(config: PhiConfig, dtype: torch.dtype) -> PhiConfig:
+    """``config`` recording ``dtype`` as the checkpoint's stored dtype."""
     return replace(config, torch_dtype=str(dtype).removeprefix("torch."))
