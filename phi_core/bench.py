@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +29,8 @@ from phi_core.config import PhiConfig
 from phi_core.embedded import TINY_CONFIG
 from phi_core.errors import BackendUnavailableError, PhiError
 from phi_core.generation import GenerationParams, generate
-from phi_core.model import PhiForCausalLM, store_linears_column_major
+from phi_core.model import PhiForCausalLM
+from phi_core.precision import FLOAT_DTYPES, choose_precision
 
 Mode = Literal["forward", "generate"]
 SHAPES: dict[str, PhiConfig] = {
@@ -128,24 +129,37 @@ class BenchReport:
 
 
 # Models --------------------------------------------------------------------------------------------------
-def random_model(config: PhiConfig, dtype: torch.dtype, device: str, seed: int = 0) -> PhiForCausalLM:
-    """A Phi of ``config``'s shape with random weights, allocated directly in ``dtype`` on ``device``."""
+def random_model(config: PhiConfig, dtype: str | torch.dtype, device: str, seed: int = 0) -> PhiForCausalLM:
+    """A Phi of ``config``'s shape with random weights, stored as ``dtype`` resolves to on ``device``.
+
+    The same seed gives the same weights at every dtype (drawn in float32, then rounded), so dtypes compare on
+    the same model.
+    """
+    from phi_core.loading import place_weights, storage_dtypes
+
+    precision = choose_precision(dtype, device, torch.float32)
     with torch.device("meta"):
         model = PhiForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie the head again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layernorm" in name:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    store_linears_column_major(model)
+    dtypes = storage_dtypes(model, precision, torch.float32)
+    state = {name: tensor.to(device=device, dtype=dtypes[name]) for name, tensor in random_state(config, seed)}
+    place_weights(model, state, precision, device)
     return model.eval().requires_grad_(False)
+
+
+def random_state(config: PhiConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random float32 weights for every tensor of a ``config`` language model (a tied head once), one at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = PhiForCausalLM(config).state_dict()
+    for name, param in shapes.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if "layernorm" in name:
+            yield name, torch.full(param.shape, 1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            yield name, torch.zeros(param.shape)
+        else:
+            yield name, torch.empty(param.shape).normal_(0.0, 0.02, generator=generator)
 
 
 def bench_config(settings: BenchSettings) -> PhiConfig:
@@ -163,23 +177,28 @@ def bench_config(settings: BenchSettings) -> PhiConfig:
     )
 
 
-def transformers_twin(model: PhiForCausalLM, backend: str) -> torch.nn.Module:
-    """transformers' PhiForCausalLM holding the very same weights (test/benchmark oracle only)."""
+def transformers_twin(
+    model: PhiForCausalLM, backend: str, state: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """transformers' PhiForCausalLM holding the very same weights (test/benchmark oracle only).
+
+    ``state`` supplies the weights when ``model`` holds packed ones (which have no plain tensors to share).
+    """
     try:
         import transformers
     except ImportError:
         raise PhiError("--against transformers needs the transformers package: pip install transformers") from None
     hf_config = transformers.PhiConfig(**_hf_config_fields(model.config))
     hf_config._attn_implementation = backend
-    param = next(model.parameters())
     with torch.device("meta"):
         twin = transformers.PhiForCausalLM(hf_config)
-    # The twin gets its own row-major copies, as transformers' from_pretrained would give it: sharing our
-    # column-major tensors would hand it phi_core's weight layout.
-    twin.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, strict=True, assign=True)
+    weights = dict(state) if state is not None else model.state_dict()
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    twin.load_state_dict(weights, strict=True, assign=True)
     # Rotary frequencies are a non-persistent buffer, so the meta build left them empty: make them for real.
     twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config)
-    return twin.to(param.device).eval()
+    return twin.to(model.device).eval()
 
 
 def _hf_config_fields(config: PhiConfig) -> dict[str, Any]:
@@ -273,19 +292,19 @@ def available_backends(settings: BenchSettings, dtype: torch.dtype) -> list[tupl
 
 def run_benchmark(settings: BenchSettings, on_step: Callable[[str], None] | None = None) -> BenchReport:
     """Measure every (implementation, backend, batch size) of ``settings``; ``on_step`` hears progress."""
-    from phi_core.loading import load_model, resolve_dtype
+    from phi_core.loading import load_model
 
-    dtype = resolve_dtype(settings.dtype)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    backends = available_backends(settings, dtype)
     if settings.model is not None:
-        model = load_model(settings.model, "causal-lm", dtype, "sdpa", settings.device)
+        model = load_model(settings.model, "causal-lm", settings.dtype, "sdpa", settings.device)
         if settings.layers is not None:
             model.model.layers = model.model.layers[: settings.layers]
             model.config = model.model.config = replace(model.config, num_hidden_layers=settings.layers)
     else:
-        model = random_model(bench_config(settings), dtype, settings.device, settings.seed)
+        model = random_model(bench_config(settings), settings.dtype, settings.device, settings.seed)
+    dtype = model.compute_dtype
+    backends = available_backends(settings, dtype)
     rows: list[Row] = []
     for batch in settings.batch_sizes:
         ids = torch.randint(
@@ -329,7 +348,7 @@ def _measure_ours(
 
 
 def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor, settings: BenchSettings) -> Row:
-    twin = transformers_twin(model, backend)
+    twin = transformers_twin(model, backend, _twin_weights(model, settings))
     row = Row("transformers", backend, ids.shape[0])
     if settings.mode == "forward":
 
@@ -352,6 +371,22 @@ def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor
         row.seconds, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
     row.tokens = _tokens_per_run(ids, settings)
     return row
+
+
+def _twin_weights(model: PhiForCausalLM, settings: BenchSettings) -> dict[str, torch.Tensor] | None:
+    """Plain weights for transformers when ours are packed: the same values, in the dtype that was asked for
+    (transformers has no int8 CPU path, so int8 compares with float32)."""
+    if model.precision.weight_format == "dense":
+        return None
+    dtype = FLOAT_DTYPES.get(model.precision.weights, torch.float32)
+    if settings.model is None:
+        return {name: tensor.to(dtype) for name, tensor in random_state(model.config, settings.seed)}
+    from phi_core.checkpoint import read_state_dict, resolve_source
+    from phi_core.convert import to_current_layout
+
+    folder = resolve_source(settings.model, None, weights=True)
+    state = to_current_layout(read_state_dict(folder), model.config, "causal-lm", folder)
+    return {name: tensor.to(dtype) for name, tensor in state.items()}
 
 
 def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], object]:

@@ -76,7 +76,7 @@ def classify(
     """Classify ``texts`` in batches; yields one :class:`Classification` per text, in order."""
     function = function or default_function(model.config)
     labels = model.config.id2label
-    device = next(model.parameters()).device
+    device = model.device
     for chunk in batches(len(texts), batch_size):
         rows = encode_texts(
             tokenizer, [texts[i] for i in chunk], model.config.max_position_embeddings, truncate, chunk.start

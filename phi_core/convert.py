@@ -35,6 +35,7 @@ from phi_core.checkpoint import (
 )
 from phi_core.config import PhiConfig, detect_config_format
 from phi_core.errors import CheckpointError
+from phi_core.precision import FLOAT_DTYPES
 from phi_core.saving import atomic_folder, copy_tokenizer, with_dtype, write_config
 from phi_core.tokenizer import TOKENIZER_FILES
 
@@ -306,7 +307,7 @@ def convert_checkpoint(
     output = Path(output)
     if output.exists() and not force:
         raise CheckpointError(f"{output}: already exists (use --force to replace it)")
-    target_dtype = None if dtype == KEEP else _torch_dtype(dtype)
+    target_dtype = None if dtype == KEEP else FLOAT_DTYPES[dtype]
     config = _read_source_config(folder)
     keys = _tensor_names(folder)
     layout = detect_layout(keys)
@@ -329,12 +330,6 @@ def convert_checkpoint(
         _check_tokenizer_copied(folder, staging, TOKENIZER_FILES)
         diff = _verify(folder, staging) if verify else None
     return ConversionReport(layout, len(written), total, shards, diff)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from phi_core.loading import resolve_dtype
-
-    return resolve_dtype(name)
 
 
 def _read_source_config(folder: Path) -> PhiConfig:

@@ -235,10 +235,11 @@ def generate(
     timing.prefill_s = time.perf_counter() - started
     decode_started = time.perf_counter()
     while True:
-        _check_finite(logits)
-        tokens = choose_tokens(logits.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
         scores = logits.float()
-        logprobs = scores.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+        normalizer = torch.logsumexp(scores, dim=-1)
+        _check_finite(normalizer, model)
+        tokens = choose_tokens(scores.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
+        logprobs = scores.gather(1, tokens[:, None]).squeeze(1) - normalizer
         finished = []
         for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(), strict=True)):
             counts[row] += 1
@@ -278,10 +279,14 @@ def _advance(
     return None, text
 
 
-def _check_finite(logits: torch.Tensor) -> None:
-    if not bool(torch.isfinite(logits.float().sum())):  # one number to check: NaN/inf anywhere spoils the sum
-        dtype = str(logits.dtype).removeprefix("torch.")
-        raise PhiError(f"the model's logits overflowed to NaN/inf in {dtype}; run with --dtype float32")
+def _check_finite(normalizer: torch.Tensor, model: PhiForCausalLM) -> None:
+    """Stop on NaN/inf logits: any NaN or +inf among a row's logits makes its log-sum-exp non-finite."""
+    if bool(torch.isfinite(normalizer).all()):
+        return
+    precision = model.precision
+    if precision.weights == "float32":
+        raise PhiError("the model's logits are NaN/inf in float32: the checkpoint's weights may be damaged")
+    raise PhiError(f"the model's logits overflowed to NaN/inf with {precision.weights} weights; run with --dtype float32")
 
 
 @dataclass
@@ -297,7 +302,7 @@ class _Batch:
 
     @classmethod
     def start(cls, model: PhiForCausalLM, prompts: list[list[int]], max_new: int) -> _Batch:
-        device = next(model.parameters()).device
+        device = model.device
         ids, mask = left_pad(prompts, extra_columns=max_new)
         width = ids.shape[1]
         seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool)

@@ -14,27 +14,16 @@ from phi_core.checkpoint import read_state_dict, resolve_source
 from phi_core.config import PhiConfig
 from phi_core.convert import HEADS, head_of, to_current_layout
 from phi_core.errors import CheckpointError
-from phi_core.model import TASK_MODELS, PhiPreTrained, store_linears_column_major
+from phi_core.linear import PhiLinear, pack_linears
+from phi_core.model import TASK_MODELS, PhiPreTrained
+from phi_core.precision import DTYPE_CHOICES, Precision, checkpoint_dtype, choose_precision
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"float16"``/``"bfloat16"`` (or the torch dtype itself) as a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-        raise ValueError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use float32, float16 or bfloat16)")
-    return DTYPES[dtype]
 
 
 def load_model(
     source: str | os.PathLike[str],
     task: str = "causal-lm",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     attn: str = "sdpa",
     device: str | torch.device = "cpu",
     revision: str | None = None,
@@ -43,20 +32,22 @@ def load_model(
 
     ``source`` is a local folder, the name of an embedded model, or a Hub repo id (downloaded into the standard
     Hugging Face cache; ``HF_HUB_OFFLINE=1`` is honoured). The model is built on the meta device and the
-    checkpoint tensors are assigned into it one by one, cast to ``dtype`` on the way.
+    checkpoint tensors are assigned into it one by one, in the storage ``dtype`` resolves to (see
+    :func:`phi_core.precision.choose_precision`; ``model.precision`` says what was picked).
     """
     if task not in TASK_MODELS:
         raise ValueError(f"unknown task {task!r} (choose one of {', '.join(TASK_MODELS)})")
-    torch_dtype = resolve_dtype(dtype)
-    check_backend(attn, device, torch_dtype)
+    if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPE_CHOICES)})")
     folder = resolve_source(source, revision, weights=True)
     config = PhiConfig.from_json_file(folder / "config.json")
     state = to_current_layout(read_state_dict(folder), config, task, folder)
+    precision = choose_precision(dtype, device, checkpoint_dtype(state.values()))
+    check_backend(attn, device, precision.compute)
     with torch.device("meta"):
         model = TASK_MODELS[task](config)
-    _assign_weights(model, state, torch_dtype, folder)
-    model.to(device)
-    store_linears_column_major(model)
+    _check_names(model, state, folder)
+    place_weights(model, state, precision, device)
     model.set_attention_backend(attn)
     return model.eval().requires_grad_(False)
 
@@ -66,8 +57,42 @@ def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) 
     return tokenizer_from_folder(resolve_source(source, revision, weights=False))
 
 
-def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
-    """Check names and shapes against the model, then assign the tensors (cast to ``dtype``) in place."""
+def place_weights(
+    model: PhiPreTrained, state: dict[str, torch.Tensor], precision: Precision, device: torch.device | str
+) -> None:
+    """Assign ``state`` into a model built on the meta device, each tensor in its storage dtype, then pack.
+
+    ``state`` is emptied on the way, so an original, its cast copy and its packed form exist for one tensor at a
+    time, not for the whole model (16-bit weights then peak near half of float32's memory).
+    """
+    dtypes = storage_dtypes(model, precision, checkpoint_dtype(state.values()))
+    tied = model.config.tie_word_embeddings and hasattr(model, "lm_head")
+    cast = {name: state.pop(name).to(device=device, dtype=dtypes[name]) for name in list(state)}
+    model.load_state_dict(cast, strict=not tied, assign=True)
+    del cast
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.precision = precision
+    pack_linears(model, precision.weight_format, precision.round_to())
+
+
+def storage_dtypes(model: PhiPreTrained, precision: Precision, source: torch.dtype) -> dict[str, torch.dtype]:
+    """Per tensor name: matrices in the staging dtype when they will be packed, the embedding in its own dtype,
+    everything else (LayerNorms, biases) in the compute dtype."""
+    dtypes = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if isinstance(module, PhiLinear) and name.endswith(".weight") and precision.weight_format != "dense":
+                dtypes[name] = precision.staging(source)
+            elif name == "model.embed_tokens.weight":
+                dtypes[name] = precision.embedding
+            else:
+                dtypes[name] = precision.compute
+    return dtypes
+
+
+def _check_names(model: PhiPreTrained, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Check names and shapes against the model (a tied head's stored copy is dropped: it reuses the embedding)."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
     if tied:
@@ -83,11 +108,6 @@ def _assign_weights(model: PhiPreTrained, state: dict[str, torch.Tensor], dtype:
             raise CheckpointError(
                 f"{folder}: {name} has shape {list(tensor.shape)}, the config implies {list(expected[name])}"
             )
-    # Cast while popping, so an original and its cast copy coexist for one tensor at a time.
-    cast = {name: state.pop(name).to(dtype) for name in list(state)}
-    model.load_state_dict(cast, strict=not tied, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def _check_head(model_class: type[PhiPreTrained], keys: KeysView[str], folder: Path) -> None:

@@ -17,7 +17,9 @@ from phi_core.attention import AttentionMask, attention_function, check_backend
 from phi_core.cache import KVCache
 from phi_core.config import PhiConfig
 from phi_core.errors import PhiError
-from phi_core.rotary import apply_rotary, rotary_angles
+from phi_core.linear import PhiLinear
+from phi_core.precision import Precision, dense
+from phi_core.rotary import Rotation, apply_rotary, rotary_angles
 
 
 @dataclass
@@ -53,10 +55,10 @@ class PhiAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
+        self.q_proj = PhiLinear(config.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = PhiLinear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = PhiLinear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.dense = PhiLinear(self.num_heads * self.head_dim, config.hidden_size)
         self.qk_layernorm = config.qk_layernorm
         if config.qk_layernorm:
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
@@ -66,7 +68,7 @@ class PhiAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: Rotation,
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -76,8 +78,7 @@ class PhiAttention(nn.Module):
         v = self.v_proj(x).view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         return self.dense(attention_function(self.backend)(q, k, v, mask))
@@ -87,8 +88,8 @@ class PhiMLP(nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
         self.act = config.hidden_act
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = PhiLinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = PhiLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(activation(self.act, self.fc1(x)))
@@ -104,7 +105,7 @@ class PhiDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: Rotation,
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -145,7 +146,8 @@ class PhiModel(nn.Module):
             seq_len = int(positions.max()) + 1
         rotary = rotary_angles(self.config, positions, seq_len)
         mask = AttentionMask(key_valid=key_valid, new=new, total=past + new, device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+        # Embeddings may be stored narrower than the compute dtype (16-bit weights on a CPU): widen the rows read.
+        x = self.embed_tokens(input_ids).to(self.final_layernorm.weight.dtype)
         for layer in self.layers:
             x = layer(x, rotary, mask, cache)
         if cache is not None:
@@ -160,6 +162,16 @@ class PhiPreTrained(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhiModel(config)
+        self.precision: Precision = dense(torch.float32)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations, attention and the KV cache (the weights may be stored narrower)."""
+        return self.model.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.final_layernorm.weight.device
 
     @property
     def attention_backend(self) -> str:
@@ -167,15 +179,13 @@ class PhiPreTrained(nn.Module):
 
     def set_attention_backend(self, name: str) -> None:
         """Use backend ``name`` from now on; raises if it cannot run with this model's device and dtype."""
-        param = next(self.parameters())
-        check_backend(name, param.device, param.dtype)
+        check_backend(name, self.device, self.compute_dtype)
         for layer in self.model.layers:
             layer.self_attn.backend = name
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A KV cache on this model's device and dtype for ``batch_size`` rows of up to ``max_length`` tokens."""
-        param = next(self.parameters())
-        return KVCache(self.config, batch_size, max_length, param.dtype, param.device)
+        return KVCache(self.config, batch_size, max_length, self.compute_dtype, self.device)
 
 
 class PhiForCausalLM(PhiPreTrained):
@@ -183,7 +193,7 @@ class PhiForCausalLM(PhiPreTrained):
 
     def __init__(self, config: PhiConfig) -> None:
         super().__init__(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = PhiLinear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -207,7 +217,7 @@ class PhiForSequenceClassification(PhiPreTrained):
 
     def __init__(self, config: PhiConfig) -> None:
         super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = PhiLinear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
         hidden = self.model(input_ids, attention_mask)
@@ -221,28 +231,10 @@ class PhiForTokenClassification(PhiPreTrained):
 
     def __init__(self, config: PhiConfig) -> None:
         super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.score = PhiLinear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TokenClassifierOutput:
         return TokenClassifierOutput(logits=self.score(self.model(input_ids, attention_mask)))
-
-
-def store_linears_column_major(model: nn.Module) -> None:
-    """Keep every Linear weight (out, in) as a transposed view of an (in, out) contiguous tensor.
-
-    The math is unchanged; what changes is the memory order the CPU matrix kernels read. Measured on a 2-core
-    AMD EPYC with torch 2.13 (fp32): a 51200 x 128 head times one vector takes 1.65 ms instead of 3.13 ms,
-    2048 x 8192 times 8 rows 17.2 ms instead of 25.0 ms, and no shape got slower (docs/performance.md).
-    A tied head shares the embedding, whose one-row lookups do not mind the order.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.device.type == "cpu":
-            weight = module.weight
-            column_major = torch.empty_strided(weight.shape, (1, weight.shape[0]), dtype=weight.dtype)
-            column_major.copy_(weight.detach())
-            module.weight = nn.Parameter(column_major, requires_grad=weight.requires_grad)
-    if isinstance(model, PhiForCausalLM) and model.config.tie_word_embeddings:
-        model.model.embed_tokens.weight = model.lm_head.weight
 
 
 TASK_MODELS: dict[str, type[PhiPreTrained]] = {

@@ -64,7 +64,7 @@ def tag(
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregate!r} (choose one of {', '.join(AGGREGATIONS)})")
     labels = model.config.id2label
-    device = next(model.parameters()).device
+    device = model.device
     for chunk in batches(len(texts), batch_size):
         chunk_texts = [texts[i] for i in chunk]
         rows = encode_texts(tokenizer, chunk_texts, model.config.max_position_embeddings, truncate, chunk.start)

@@ -146,4 +146,6 @@ def test_random_model_has_the_real_shape_in_the_target_dtype():
     )
     assert model.model.embed_tokens.weight.shape == (51200, 2560)
     assert model.config.rotary_dim == 32
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.precision.weights == "bfloat16"
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.fc1.stored_bytes() == 2560 * 10240 * 2

@@ -202,5 +202,5 @@ def test_float16_overflow_is_reported_not_printed(runner, lm_checkpoint, monkeyp
     monkeypatch.setattr(phi_core.model.PhiForCausalLM, "forward", overflowing)
     result = run(runner, ["generate", "x", "-m", str(lm_checkpoint), "--dtype", "float16", "--max-new-tokens", "2"])
     assert result.exit_code == 1
-    assert "NaN/inf in float16; run with --dtype float32" in result.stderr
+    assert "NaN/inf with float16 weights; run with --dtype float32" in result.stderr
     assert result.stdout == ""

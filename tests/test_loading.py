@@ -33,11 +33,13 @@ def test_sharded_safetensors_and_bin_load_the_same_weights(make_checkpoint, tmp_
     assert torch.allclose(logits(phi_core.load_model(pickled)), expected, atol=1e-6)
 
 
-def test_dtype_is_applied(make_checkpoint):
+def test_bfloat16_on_cpu_packs_the_matrices_and_computes_in_float32(make_checkpoint):
     _, folder = make_checkpoint()
     model = phi_core.load_model(folder, dtype="bfloat16")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert logits(model).dtype == torch.bfloat16
+    assert model.precision.weights == "bfloat16" and model.compute_dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(layer.self_attn.q_proj.packed is not None for layer in model.model.layers)
+    assert logits(model).dtype == torch.float32
 
 
 def test_missing_folder(tmp_path):
