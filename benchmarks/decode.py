@@ -1,18 +1,26 @@
-"""Decode and prefill speed of phi_core against transformers, on the same random weights, in the same run.
+"""Decode and prefill speed of phi_core at each weight dtype against transformers, same random weights, same run.
 
     python benchmarks/decode.py --shape phi-1.5 --batch 1 --batch 8 --new-tokens 32
     python benchmarks/decode.py --shape tiny --batch 1 --batch 8
+    python benchmarks/decode.py --shape phi-1.5 --batch 1 --dtype float32 --dtype bfloat16 --dtype int8
+    python benchmarks/decode.py --shape phi-1.5 --batch 1 --prompt-tokens 512 --new-tokens 2 --dtype float32 \\
+        --dtype bfloat16 --no-transformers        # prefill of 512 tokens
+    python benchmarks/decode.py --shape phi-1.5 --memory --dtype float32 --dtype bfloat16 --dtype int8
 
 Reports prefill seconds, decode tokens/s (median of --repeats), the weight bytes each decode step reads, and
-the bandwidth that implies next to this machine's measured GEMV bandwidth (a large matrix-vector product, the
-ceiling for batch-1 decoding).
+the bandwidth that implies next to this machine's measured float32 GEMV bandwidth (a large matrix-vector
+product, the ceiling for float32 batch-1 decoding). transformers runs in float32 (``--transformers-dtype`` adds
+others). ``--memory`` measures instead each dtype's peak resident memory (load plus a short generation) in a
+fresh process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -22,14 +30,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi_core.bench import SHAPES, random_model, transformers_twin
+from phi_core.bench import SHAPES, random_model, random_state, transformers_twin
 from phi_core.generation import GenerationParams, Timing, generate
+from phi_core.linear import PhiLinear
+from phi_core.precision import FLOAT_DTYPES
+
+DTYPES = ["float32", "bfloat16", "float16", "int8"]
 
 
-def gemv_bandwidth(dtype: torch.dtype, repeats: int = 20) -> float:
-    """Bytes/s of a 4096 x 8192 matrix times a vector: what batch-1 decoding can hope for."""
-    matrix = torch.randn(8192, 4096, dtype=dtype)
-    vector = torch.randn(4096, dtype=dtype)
+def gemv_bandwidth(repeats: int = 20) -> float:
+    """Bytes/s of a 4096 x 8192 float32 matrix times a vector: what float32 batch-1 decoding can hope for."""
+    matrix = torch.randn(8192, 4096)
+    vector = torch.randn(4096)
     for _ in range(3):
         matrix @ vector
     times = []
@@ -72,75 +84,122 @@ def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, floa
     return prefill, len(prompts) * (new_tokens - 1) / decode
 
 
-def weight_bytes(model) -> int:
-    """Bytes read per decode step: every weight once (the tied embedding is read as the head)."""
-    seen, total = set(), 0
-    for name, param in model.named_parameters():
-        if param.data_ptr() in seen or (name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings):
-            continue  # the embedding lookup reads one row per token, not the matrix
-        seen.add(param.data_ptr())
-        total += param.numel() * param.element_size()
-    return total
+def our_weight_bytes(model) -> int:
+    """Bytes of matrices a decode step reads (every matrix once; the embedding lookup reads one row)."""
+    return sum(m.stored_bytes() for m in model.modules() if isinstance(m, PhiLinear))
+
+
+def twin_weight_bytes(twin) -> int:
+    linears = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+
+
+def measure(name, dtype, runner, prompts, args, bytes_per_step, bandwidth) -> dict:
+    runner(prompts, 4)  # warm-up
+    measured = [runner(prompts, args.new_tokens) for _ in range(args.repeats)]
+    prefill = statistics.median(m[0] for m in measured)
+    rate = statistics.median(m[1] for m in measured)
+    steps_per_s = rate / len(prompts)
+    return {
+        "implementation": name,
+        "dtype": dtype,
+        "batch": len(prompts),
+        "prefill_s": round(prefill, 4),
+        "decode_tokens_per_s": round(rate, 2),
+        "weight_bytes_per_step": bytes_per_step,
+        "weight_gb_per_s": round(bytes_per_step * steps_per_s / 1e9, 2),
+        "share_of_fp32_gemv_bandwidth": round(bytes_per_step * steps_per_s / bandwidth, 3),
+    }
+
+
+def peak_memory_child(shape: str, dtype: str, prompt_tokens: int, new_tokens: int) -> None:
+    """Build the model and generate a little, then print this process's peak resident memory (VmHWM)."""
+    config = replace(SHAPES[shape], max_position_embeddings=max(SHAPES[shape].max_position_embeddings, 2048))
+    model = random_model(config, dtype, "cpu")
+    prompts = torch.randint(0, 50000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).tolist()
+    ours(model, prompts, new_tokens)
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"dtype": dtype, "peak_rss_bytes": peak}))
+
+
+def memory_report(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for dtype in args.dtype or DTYPES:
+        command = [sys.executable, __file__, "--shape", args.shape, "--child", dtype]
+        command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"{dtype}: peak {rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    base = next((r["peak_rss_bytes"] for r in rows if r["dtype"] == "float32"), None)
+    for row in rows:
+        row["ratio_to_float32"] = round(row["peak_rss_bytes"] / base, 3) if base else None
+    return rows
+
+
+def speed_report(args: argparse.Namespace) -> list[dict]:
+    config = replace(SHAPES[args.shape], max_position_embeddings=max(SHAPES[args.shape].max_position_embeddings, 2048))
+    bandwidth = gemv_bandwidth()
+    batches = args.batch or [1, 8]
+    prompts = {
+        b: torch.randint(0, 50000, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b)).tolist()
+        for b in batches
+    }
+    results = []
+    if not args.no_transformers:
+        for dtype in args.transformers_dtype or ["float32"]:
+            state = {name: t.to(FLOAT_DTYPES[dtype]) for name, t in random_state(config)}
+            twin = transformers_twin(config, "sdpa", state)
+            del state
+            for batch in batches:
+                run = functools.partial(theirs, twin)
+                results.append(
+                    measure("transformers", dtype, run, prompts[batch], args, twin_weight_bytes(twin), bandwidth)
+                )
+                print(json.dumps(results[-1]), flush=True)
+            del twin
+    for dtype in args.dtype or ["float32"]:
+        model = random_model(config, dtype, "cpu")
+        for batch in batches:
+            run = functools.partial(ours, model)
+            results.append(measure("phi_core", dtype, run, prompts[batch], args, our_weight_bytes(model), bandwidth))
+            print(json.dumps(results[-1]), flush=True)
+        del model
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="phi-1.5", choices=list(SHAPES))
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable) [1, 8]")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="phi_core weight dtypes (repeatable)")
+    parser.add_argument("--transformers-dtype", action="append", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--memory", action="store_true", help="peak resident memory per dtype instead of speed")
+    parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    config = SHAPES[args.shape]
-    config = replace(config, max_position_embeddings=max(config.max_position_embeddings, 2048))
-    model = random_model(config, dtype, "cpu")
-    twin = transformers_twin(model, "sdpa")
-    bandwidth = gemv_bandwidth(dtype)
-    bytes_per_step = weight_bytes(model)
-    results = []
-    for batch in args.batch or [1, 8]:
-        generator = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(0, 50000, (batch, args.prompt_tokens), generator=generator).tolist()
-        ours(model, prompts, 4)  # warm-up
-        theirs(twin, prompts, 4)
-        runs = {
-            "phi_core": [ours(model, prompts, args.new_tokens) for _ in range(args.repeats)],
-            "transformers": [theirs(twin, prompts, args.new_tokens) for _ in range(args.repeats)],
-        }
-        for name, measured in runs.items():
-            prefill = statistics.median(m[0] for m in measured)
-            rate = statistics.median(m[1] for m in measured)
-            steps_per_s = rate / batch
-            results.append(
-                {
-                    "implementation": name,
-                    "batch": batch,
-                    "prefill_s": round(prefill, 4),
-                    "decode_tokens_per_s": round(rate, 2),
-                    "weight_gb_per_s": round(bytes_per_step * steps_per_s / 1e9, 2),
-                    "share_of_gemv_bandwidth": round(bytes_per_step * steps_per_s / bandwidth, 3),
-                }
-            )
-        ratio = results[-2]["decode_tokens_per_s"] / results[-1]["decode_tokens_per_s"]
-        print(f"batch {batch}: phi_core / transformers decode = {ratio:.2f}x", flush=True)
+    if args.child:
+        peak_memory_child(args.shape, args.child, args.prompt_tokens, args.new_tokens)
+        return
+    results = memory_report(args) if args.memory else speed_report(args)
     report = {
         "shape": args.shape,
-        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "weight_bytes_per_step": bytes_per_step,
-        "gemv_gb_per_s": round(bandwidth / 1e9, 2),
         "torch": torch.__version__,
         "results": results,
     }
+    if not args.memory:
+        report["fp32_gemv_gb_per_s"] = round(gemv_bandwidth() / 1e9, 2)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

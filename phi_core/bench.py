@@ -178,27 +178,28 @@ def bench_config(settings: BenchSettings) -> PhiConfig:
 
 
 def transformers_twin(
-    model: PhiForCausalLM, backend: str, state: dict[str, torch.Tensor] | None = None
+    config: PhiConfig, backend: str, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
-    """transformers' PhiForCausalLM holding the very same weights (test/benchmark oracle only).
+    """transformers' PhiForCausalLM of ``config`` holding the weights ``state`` (checkpoint names).
 
-    ``state`` supplies the weights when ``model`` holds packed ones (which have no plain tensors to share).
+    phi_core's loaded models hold their weights in their own layout (fused q/k/v, packed formats), so the twin
+    takes the plain tensors they were made from (test/benchmark oracle only).
     """
     try:
         import transformers
     except ImportError:
         raise PhiError("--against transformers needs the transformers package: pip install transformers") from None
-    hf_config = transformers.PhiConfig(**_hf_config_fields(model.config))
+    hf_config = transformers.PhiConfig(**_hf_config_fields(config))
     hf_config._attn_implementation = backend
     with torch.device("meta"):
         twin = transformers.PhiForCausalLM(hf_config)
-    weights = dict(state) if state is not None else model.state_dict()
-    if model.config.tie_word_embeddings:
+    weights = dict(state)
+    if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     twin.load_state_dict(weights, strict=True, assign=True)
     # Rotary frequencies are a non-persistent buffer, so the meta build left them empty: make them for real.
     twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config)
-    return twin.to(model.device).eval()
+    return twin.to(device).eval()
 
 
 def _hf_config_fields(config: PhiConfig) -> dict[str, Any]:
@@ -348,7 +349,7 @@ def _measure_ours(
 
 
 def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor, settings: BenchSettings) -> Row:
-    twin = transformers_twin(model, backend, _twin_weights(model, settings))
+    twin = transformers_twin(model.config, backend, _twin_weights(model, settings), settings.device)
     row = Row("transformers", backend, ids.shape[0])
     if settings.mode == "forward":
 
@@ -373,20 +374,18 @@ def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor
     return row
 
 
-def _twin_weights(model: PhiForCausalLM, settings: BenchSettings) -> dict[str, torch.Tensor] | None:
-    """Plain weights for transformers when ours are packed: the same values, in the dtype that was asked for
-    (transformers has no int8 CPU path, so int8 compares with float32)."""
-    if model.precision.weight_format == "dense":
-        return None
+def _twin_weights(model: PhiForCausalLM, settings: BenchSettings) -> dict[str, torch.Tensor]:
+    """Plain weights for transformers: the same values as ours, in the dtype that was asked for (transformers has
+    no int8 CPU path, so int8 compares with float32)."""
     dtype = FLOAT_DTYPES.get(model.precision.weights, torch.float32)
     if settings.model is None:
-        return {name: tensor.to(dtype) for name, tensor in random_state(model.config, settings.seed)}
+        return {name: tensor.to(settings.device, dtype) for name, tensor in random_state(model.config, settings.seed)}
     from phi_core.checkpoint import read_state_dict, resolve_source
     from phi_core.convert import to_current_layout
 
     folder = resolve_source(settings.model, None, weights=True)
     state = to_current_layout(read_state_dict(folder), model.config, "causal-lm", folder)
-    return {name: tensor.to(dtype) for name, tensor in state.items()}
+    return {name: tensor.to(settings.device, dtype) for name, tensor in state.items()}
 
 
 def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], object]:

@@ -286,7 +286,9 @@ def _check_finite(normalizer: torch.Tensor, model: PhiForCausalLM) -> None:
     precision = model.precision
     if precision.weights == "float32":
         raise PhiError("the model's logits are NaN/inf in float32: the checkpoint's weights may be damaged")
-    raise PhiError(f"the model's logits overflowed to NaN/inf with {precision.weights} weights; run with --dtype float32")
+    raise PhiError(
+        f"the model's logits overflowed to NaN/inf with {precision.weights} weights; run with --dtype float32"
+    )
 
 
 @dataclass

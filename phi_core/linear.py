@@ -6,8 +6,9 @@ Three formats (``WEIGHT_FORMATS``):
   or more rows run as ``W @ x^T``, which torch hands to a faster GEMM path than ``x @ W^T`` (measured on a 2-core
   AMD EPYC, torch 2.13: 2048 x 8192 times 8 rows 7.4 ms against 21-29 ms; times 512 rows 252 ms against 275-290
   ms). One row goes to torch's GEMV, except for wide matrices with short rows (a vocabulary head over a small
-  hidden size), where the GEMV runs at half speed and two rows through the GEMM are faster (51200 x 128: 1.97 ms
-  against 3.4 ms). ``python benchmarks/linear_layout.py`` repeats these measurements.
+  hidden size), where the GEMV over ``(out, in)`` runs at half speed: those keep a second, ``(in, out)`` copy
+  for one-row products (51200 x 128: 1.6 ms against 3.4 ms; 26 MB for the embedded model, nothing for the real
+  Phi shapes). ``python benchmarks/linear_layout.py`` repeats these measurements.
 - ``float16``: fbgemm's packed half-precision weight (half the bytes), multiplied with float32 activations by
   fbgemm's AVX2 kernel, which converts tiles on the fly. Against dense float32 on the same machine: 2.0x faster
   for one row, 1.3x for eight, 1.2-1.3x slower for 128-512 rows (prefill). torch's own bfloat16 and float16
@@ -32,13 +33,25 @@ from phi_core.errors import PhiError
 WeightFormat = Literal["dense", "float16", "int8"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("dense", "float16", "int8")
 
-# A one-row product with a matrix this many times wider than its rows are long goes through the GEMM as two rows.
+# A matrix this many times wider than its rows are long, with rows this short, keeps an (in, out) copy.
 _SHORT_ROW_RATIO = 16
 _SHORT_ROW_MAX = 512
 _FLOAT16_MAX = 65504.0
 
 
-class PhiLinear(nn.Linear):
+class DirectCall:
+    """Mixin: calling the module runs ``forward`` directly, without ``nn.Module.__call__``'s hook bookkeeping.
+
+    That bookkeeping costs about 13 us a call on a 2-core EPYC, and a decode step of the embedded model makes some
+    40 module calls (measured: ``F.linear`` 13.8 us, the same product through ``nn.Linear`` 26.6 us). Forward
+    hooks therefore do not fire on phi_core's own layers.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+
+class PhiLinear(DirectCall, nn.Linear):
     """``nn.Linear`` whose product uses the fastest measured kernel for its weight format and row count.
 
     Parameter names and shapes are nn.Linear's, so checkpoints load unchanged. After :meth:`pack`, ``weight`` and
@@ -47,9 +60,17 @@ class PhiLinear(nn.Linear):
 
     packed: Any = None
     weight_format: WeightFormat = "dense"
+    column_major: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
+            if self.column_major is not None and x.numel() == self.in_features:
+                out = (
+                    torch.addmm(self.bias, x.reshape(1, -1), self.column_major)
+                    if self.bias is not None
+                    else x @ self.column_major
+                )
+                return out.view(*x.shape[:-1], self.out_features)
             return dense_product(x, self.weight, self.bias)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
@@ -66,6 +87,8 @@ class PhiLinear(nn.Linear):
         bfloat16 value from 2**-17 up to 65504 is exactly a float16 value, smaller ones move by at most 3e-8).
         """
         if weight_format == "dense":
+            if _short_rows(self.weight) and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+                self.column_major = self.weight.detach().t().contiguous()
             return
         weight = self.weight.detach().float().contiguous()
         if round_to is not None:
@@ -88,7 +111,7 @@ class PhiLinear(nn.Linear):
         if self.weight_format == "float16":
             return 2 * count
         if self.weight_format == "int8":
-            return count + 8 * self.out_features  # int8 values plus a float64 scale per row
+            return count + 8 * self.out_features  # int8 values and a float64 scale per row
         return count * self.weight.element_size()
 
 
@@ -98,15 +121,17 @@ def dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    short_rows = in_features <= _SHORT_ROW_MAX and out_features >= _SHORT_ROW_RATIO * in_features
-    if rows == 1 and not short_rows:
+    if rows == 1:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, in_features)
-    if rows == 1:
-        flat = torch.cat((flat, flat))
     out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
     # A contiguous result keeps the next product's input in the layout its fast path wants.
-    return out.t()[:rows].contiguous().view(*x.shape[:-1], out_features)
+    return out.t().contiguous().view(*x.shape[:-1], out_features)
+
+
+def _short_rows(weight: torch.Tensor) -> bool:
+    out_features, in_features = weight.shape
+    return in_features <= _SHORT_ROW_MAX and out_features >= _SHORT_ROW_RATIO * in_features
 
 
 def quantize_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,8 @@ def place_weights(
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.precision = precision
+    for layer in model.model.layers:
+        layer.self_attn.fuse_projections()
     pack_linears(model, precision.weight_format, precision.round_to())
 
 

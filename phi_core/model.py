@@ -17,7 +17,7 @@ from phi_core.attention import AttentionMask, attention_function, check_backend
 from phi_core.cache import KVCache
 from phi_core.config import PhiConfig
 from phi_core.errors import PhiError
-from phi_core.linear import PhiLinear
+from phi_core.linear import DirectCall, PhiLinear
 from phi_core.precision import Precision, dense
 from phi_core.rotary import Rotation, apply_rotary, rotary_angles
 
@@ -43,12 +43,20 @@ class TokenClassifierOutput:
     logits: torch.Tensor
 
 
+class LayerNorm(DirectCall, nn.LayerNorm):
+    """nn.LayerNorm called without hook bookkeeping (see :class:`phi_core.linear.DirectCall`)."""
+
+
+class Embedding(DirectCall, nn.Embedding):
+    """nn.Embedding called without hook bookkeeping (see :class:`phi_core.linear.DirectCall`)."""
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     """Phi's ``gelu_new`` is the tanh approximation of GELU; plain ``gelu`` is the exact (erf) one."""
     return F.gelu(x) if name == "gelu" else F.gelu(x, approximate="tanh")
 
 
-class PhiAttention(nn.Module):
+class PhiAttention(DirectCall, nn.Module):
     def __init__(self, config: PhiConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -58,12 +66,26 @@ class PhiAttention(nn.Module):
         self.q_proj = PhiLinear(config.hidden_size, self.num_heads * self.head_dim)
         self.k_proj = PhiLinear(config.hidden_size, self.num_kv_heads * self.head_dim)
         self.v_proj = PhiLinear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.qkv_proj: PhiLinear | None = None
         self.dense = PhiLinear(self.num_heads * self.head_dim, config.hidden_size)
         self.qk_layernorm = config.qk_layernorm
         if config.qk_layernorm:
-            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.q_layernorm = LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_layernorm = LayerNorm(self.head_dim, eps=config.layer_norm_eps)
         self.backend = "sdpa"
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one ``qkv_proj`` holding the three matrices stacked (for inference).
+
+        One product instead of three per layer; at one token per step the fixed cost of a product is most of it.
+        The state dict then has ``qkv_proj`` in place of the checkpoint's three names.
+        """
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = PhiLinear(parts[0].in_features, sum(p.out_features for p in parts), device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
 
     def forward(
         self,
@@ -72,10 +94,7 @@ class PhiAttention(nn.Module):
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        batch, new, _ = x.shape
-        q = self.q_proj(x).view(batch, new, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(x)
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
@@ -83,8 +102,22 @@ class PhiAttention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)
         return self.dense(attention_function(self.backend)(q, k, v, mask))
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (batch, heads, new, head_dim), keys and values (batch, kv_heads, new, head_dim)."""
+        batch, new, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+        return (
+            q.view(batch, new, self.num_heads, self.head_dim).transpose(1, 2),
+            k.view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2),
+            v.view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2),
+        )
 
-class PhiMLP(nn.Module):
+
+class PhiMLP(DirectCall, nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
         self.act = config.hidden_act
@@ -95,10 +128,10 @@ class PhiMLP(nn.Module):
         return self.fc2(activation(self.act, self.fc1(x)))
 
 
-class PhiDecoderLayer(nn.Module):
+class PhiDecoderLayer(DirectCall, nn.Module):
     def __init__(self, config: PhiConfig, layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = PhiAttention(config, layer_index)
         self.mlp = PhiMLP(config)
 
@@ -119,9 +152,9 @@ class PhiModel(nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(PhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self,

@@ -16,6 +16,10 @@ from phi_core.config import PhiConfig
 
 def inverse_frequencies(config: PhiConfig, seq_len: int, device: torch.device | str) -> torch.Tensor:
     """The ``rotary_dim / 2`` inverse frequencies for a sequence of ``seq_len`` positions."""
+    return _head_tables(config.rotary_dim, config.head_dim, *_base_and_factor(config, seq_len), str(device))[3]
+
+
+def _base_and_factor(config: PhiConfig, seq_len: int) -> tuple[float, float]:
     base = config.rope_theta
     scaling = config.rope_scaling
     if scaling is not None and scaling.kind == "dynamic" and seq_len > config.max_position_embeddings:
@@ -23,14 +27,25 @@ def inverse_frequencies(config: PhiConfig, seq_len: int, device: torch.device | 
         stretch = scaling.factor * seq_len / config.max_position_embeddings - (scaling.factor - 1)
         base = base * stretch ** (config.rotary_dim / (config.rotary_dim - 2))
     linear = scaling.factor if scaling is not None and scaling.kind == "linear" else 1.0
-    return _inverse_frequencies(config.rotary_dim, base, linear, str(device))
+    return base, linear
 
 
 @functools.lru_cache(maxsize=64)
-def _inverse_frequencies(dim: int, base: float, linear_factor: float, device: str) -> torch.Tensor:
-    # Cached: a decode step would otherwise rebuild the same few numbers on every call.
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    return 1.0 / (base**exponents) / linear_factor
+def _head_tables(
+    rotary_dim: int, head_dim: int, base: float, linear_factor: float, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel of a head: frequency, sign of the sine term, rotate-half partner; and the inverse frequencies.
+
+    Cached: a decode step would otherwise rebuild the same few numbers on every call.
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    inv_freq = 1.0 / (base**exponents) / linear_factor
+    half, rest = rotary_dim // 2, head_dim - rotary_dim
+    zeros = inv_freq.new_zeros(rest)
+    frequencies = torch.cat((inv_freq, inv_freq, zeros))
+    signs = torch.cat((-inv_freq.new_ones(half), inv_freq.new_ones(half), zeros))
+    order = [*range(half, rotary_dim), *range(half), *range(rotary_dim, head_dim)]
+    return frequencies, signs, torch.tensor(order, device=device), inv_freq
 
 
 class Rotation(NamedTuple):
@@ -52,20 +67,13 @@ def rotary_angles(config: PhiConfig, positions: torch.Tensor, seq_len: int) -> R
 
     ``seq_len`` is the length the sequence has reached (dynamic scaling depends on it).
     """
-    inv_freq = inverse_frequencies(config, seq_len, positions.device)
-    freqs = positions[:, None, :, None].float() * inv_freq
-    cos, sin = freqs.cos(), freqs.sin()
-    rest = config.head_dim - config.rotary_dim
-    ones, zeros = cos.new_ones(*cos.shape[:-1], rest), cos.new_zeros(*cos.shape[:-1], rest)
-    partner = _partner(config.rotary_dim, config.head_dim, str(positions.device))
-    return Rotation(torch.cat((cos, cos, ones), dim=-1), torch.cat((-sin, sin, zeros), dim=-1), partner)
-
-
-@functools.lru_cache(maxsize=16)
-def _partner(rotary_dim: int, head_dim: int, device: str) -> torch.Tensor:
-    half = rotary_dim // 2
-    order = [*range(half, rotary_dim), *range(half), *range(rotary_dim, head_dim)]
-    return torch.tensor(order, device=device)
+    base, linear = _base_and_factor(config, seq_len)
+    frequencies, signs, partner, _ = _head_tables(
+        config.rotary_dim, config.head_dim, base, linear, str(positions.device)
+    )
+    # Channels that do not rotate have frequency 0: cos 1 and sin 0, so they pass through unchanged.
+    angles = positions[:, None, :, None].float() * frequencies
+    return Rotation(angles.cos(), angles.sin() * signs, partner)
 
 
 def apply_rotary(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_bfloat16_on_cpu_packs_the_matrices_and_computes_in_float32(make_checkpo
     model = phi_core.load_model(folder, dtype="bfloat16")
     assert model.precision.weights == "bfloat16" and model.compute_dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert all(layer.self_attn.q_proj.packed is not None for layer in model.model.layers)
+    assert all(layer.self_attn.qkv_proj.packed is not None for layer in model.model.layers)
     assert logits(model).dtype == torch.float32
 
 
