@@ -54,7 +54,7 @@ def gemv_bandwidth(repeats: int = 20) -> float:
 
 def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     timing = Timing()
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)  # as transformers
     with torch.no_grad():
         count = sum(1 for _ in generate(model, None, prompts, params, timing))
     # The first new token comes from the prefill's logits: decode_s covers the other new_tokens - 1 steps.

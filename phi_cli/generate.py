@@ -80,6 +80,7 @@ def generate_command(
         stop=tuple(stop or ()),
         ignore_eos=ignore_eos,
         sampling=SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed),
+        logprobs=False,  # not printed
     )
     lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
     as_json = json_output or input_file is not None

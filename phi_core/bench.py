@@ -393,7 +393,7 @@ def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], objec
 
 
 def _generate_run(model: PhiForCausalLM, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)  # as transformers
     prompts = ids.tolist()
     return lambda: sum(1 for _ in generate(model, None, prompts, params))
 

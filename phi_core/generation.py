@@ -158,12 +158,14 @@ class TextStream:
 # The generator ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenerationParams:
-    """When to stop, and how to sample."""
+    """When to stop, how to sample, and whether to compute each token's log-probability (a log-sum-exp over the
+    vocabulary per row and step: a few percent of a small model's step, so off where nobody reads it)."""
 
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -178,7 +180,7 @@ class TokenEvent:
 
     row: int
     token_id: int
-    logprob: float
+    logprob: float | None  # None unless GenerationParams.logprobs
     text: str
     finish_reason: FinishReason | None
 
@@ -236,12 +238,16 @@ def generate(
     decode_started = time.perf_counter()
     while True:
         scores = logits.float()
-        normalizer = torch.logsumexp(scores, dim=-1)
+        # NaN or +inf anywhere in a row shows in its log-sum-exp and in its maximum alike.
+        normalizer = torch.logsumexp(scores, dim=-1) if params.logprobs else scores.amax(dim=-1)
         _check_finite(normalizer, model)
         tokens = choose_tokens(scores.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
-        logprobs = scores.gather(1, tokens[:, None]).squeeze(1) - normalizer
+        if params.logprobs:
+            logprobs = (scores.gather(1, tokens[:, None]).squeeze(1) - normalizer).tolist()
+        else:
+            logprobs = [None] * len(tokens)
         finished = []
-        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(), strict=True)):
+        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs, strict=True)):
             counts[row] += 1
             reason, text = _advance(streams[row], token, eos, params, counts[row])
             if reason is not None:
@@ -279,9 +285,9 @@ def _advance(
     return None, text
 
 
-def _check_finite(normalizer: torch.Tensor, model: PhiForCausalLM) -> None:
-    """Stop on NaN/inf logits: any NaN or +inf among a row's logits makes its log-sum-exp non-finite."""
-    if bool(torch.isfinite(normalizer).all()):
+def _check_finite(summary: torch.Tensor, model: PhiForCausalLM) -> None:
+    """Stop on NaN/inf logits, seen in each row's log-sum-exp or maximum (``summary``)."""
+    if bool(torch.isfinite(summary).all()):
         return
     precision = model.precision
     if precision.weights == "float32":

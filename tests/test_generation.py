@@ -136,6 +136,8 @@ def test_logprobs_are_the_models_own(checkpoint, tokenizer):
     event = next(generate(model, tokenizer, [prompt], GenerationParams(max_new_tokens=1)))
     expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[event.token_id]
     assert event.logprob == pytest.approx(expected.item(), abs=1e-5)
+    unasked = next(generate(model, tokenizer, [prompt], GenerationParams(max_new_tokens=1, logprobs=False)))
+    assert unasked.logprob is None and unasked.token_id == event.token_id
 
 
 # Sampling filters against hand-computed distributions -------------------------------------------------------
