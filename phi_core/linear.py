@@ -5,10 +5,11 @@ Three formats (``WEIGHT_FORMATS``):
 - ``dense``: an ordinary ``(out, in)`` tensor in the model's compute dtype. On a CPU in float32, products of two
   or more rows run as ``W @ x^T``, which torch hands to a faster GEMM path than ``x @ W^T`` (measured on a 2-core
   AMD EPYC, torch 2.13: 2048 x 8192 times 8 rows 7.4 ms against 21-29 ms; times 512 rows 252 ms against 275-290
-  ms). One row goes to torch's GEMV, except for wide matrices with short rows (a vocabulary head over a small
-  hidden size), where the GEMV over ``(out, in)`` runs at half speed: those keep a second, ``(in, out)`` copy
-  for one-row products (51200 x 128: 1.6 ms against 3.4 ms; 26 MB for the embedded model, nothing for the real
-  Phi shapes). ``python benchmarks/linear_layout.py`` repeats these measurements.
+  ms). One row goes to torch's GEMV, except for small matrices and for wide ones with short rows (a vocabulary
+  head over a small hidden size), where ``x @ W^T`` over ``(out, in)`` runs at half speed: those keep a second,
+  ``(in, out)`` copy for one-row products (128 x 384: 15.8 us against 30.0 us; 51200 x 128: 1.6 ms against 3.4
+  ms). That is 29 MB more for the embedded model and nothing for the real Phi shapes, whose matrices are all
+  larger. ``python benchmarks/linear_layout.py`` repeats these measurements.
 - ``float16``: fbgemm's packed half-precision weight (half the bytes), multiplied with float32 activations by
   fbgemm's AVX2 kernel, which converts tiles on the fly. Against dense float32 on the same machine: 2.0x faster
   for one row, 1.3x for eight, 1.2-1.3x slower for 128-512 rows (prefill). torch's own bfloat16 and float16
@@ -36,6 +37,8 @@ WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("dense", "float16", "int8")
 # A matrix this many times wider than its rows are long, with rows this short, keeps an (in, out) copy.
 _SHORT_ROW_RATIO = 16
 _SHORT_ROW_MAX = 512
+# ... and so does any matrix this small (4 MB in float32).
+_SMALL_MATRIX = 1 << 20
 _FLOAT16_MAX = 65504.0
 
 
@@ -60,17 +63,14 @@ class PhiLinear(DirectCall, nn.Linear):
 
     packed: Any = None
     weight_format: WeightFormat = "dense"
-    column_major: torch.Tensor | None = None
+    # (in, out) copy of the weight and a zero-or-real bias, for one-row products where that layout is faster.
+    one_row: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            if self.column_major is not None and x.numel() == self.in_features:
-                out = (
-                    torch.addmm(self.bias, x.reshape(1, -1), self.column_major)
-                    if self.bias is not None
-                    else x @ self.column_major
-                )
-                return out.view(*x.shape[:-1], self.out_features)
+            one_row = self.one_row
+            if one_row is not None and x.numel() == self.in_features:
+                return torch.addmm(one_row[1], x.reshape(1, -1), one_row[0]).view(*x.shape[:-1], self.out_features)
             return dense_product(x, self.weight, self.bias)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
@@ -87,8 +87,10 @@ class PhiLinear(DirectCall, nn.Linear):
         bfloat16 value from 2**-17 up to 65504 is exactly a float16 value, smaller ones move by at most 3e-8).
         """
         if weight_format == "dense":
-            if _short_rows(self.weight) and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
-                self.column_major = self.weight.detach().t().contiguous()
+            if _one_row_copy_pays(self.weight):
+                weight = self.weight.detach()
+                bias = self.bias.detach() if self.bias is not None else weight.new_zeros(self.out_features)
+                self.one_row = (weight.t().contiguous(), bias)
             return
         weight = self.weight.detach().float().contiguous()
         if round_to is not None:
@@ -129,9 +131,13 @@ def dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.t().contiguous().view(*x.shape[:-1], out_features)
 
 
-def _short_rows(weight: torch.Tensor) -> bool:
+def _one_row_copy_pays(weight: torch.Tensor) -> bool:
+    """Whether one-row products are measurably faster from an (in, out) copy (see the module docstring)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
     out_features, in_features = weight.shape
-    return in_features <= _SHORT_ROW_MAX and out_features >= _SHORT_ROW_RATIO * in_features
+    short_rows = in_features <= _SHORT_ROW_MAX and out_features >= _SHORT_ROW_RATIO * in_features
+    return short_rows or weight.numel() <= _SMALL_MATRIX
 
 
 def quantize_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -94,27 +94,32 @@ class PhiAttention(DirectCall, nn.Module):
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        q, k, v = self._project(x)
-        if self.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(x, rotary))  # to (batch, heads, new, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         return self.dense(attention_function(self.backend)(q, k, v, mask))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (batch, heads, new, head_dim), keys and values (batch, kv_heads, new, head_dim)."""
+    def _rotated_qkv(self, x: torch.Tensor, rotary: Rotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim)."""
         batch, new, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None and not self.qk_layernorm:
+            # Queries and keys sit side by side in the fused product: one rotation covers both.
+            out = self.qkv_proj(x)
+            qk = apply_rotary(out[..., : (heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim), rotary)
+            return (
+                qk[:, :, :heads],
+                qk[:, :, heads:],
+                out[..., (heads + kv_heads) * dim :].view(batch, new, kv_heads, dim),
+            )
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
-        return (
-            q.view(batch, new, self.num_heads, self.head_dim).transpose(1, 2),
-            k.view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2),
-            v.view(batch, new, self.num_kv_heads, self.head_dim).transpose(1, 2),
-        )
+            q, k, v = self.qkv_proj(x).split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+        q, k, v = q.view(batch, new, heads, dim), k.view(batch, new, kv_heads, dim), v.view(batch, new, kv_heads, dim)
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        return apply_rotary(q, rotary), apply_rotary(k, rotary), v
 
 
 class PhiMLP(DirectCall, nn.Module):

@@ -57,7 +57,7 @@ class Rotation(NamedTuple):
     step with one token per row is made of.
     """
 
-    cos: torch.Tensor  # (batch, 1, seq, head_dim), fp32
+    cos: torch.Tensor  # (batch, seq, 1, head_dim), fp32: broadcasts over the heads of (batch, seq, heads, dim)
     sin: torch.Tensor
     partner: torch.Tensor  # (head_dim,) channel indices
 
@@ -72,12 +72,12 @@ def rotary_angles(config: PhiConfig, positions: torch.Tensor, seq_len: int) -> R
         config.rotary_dim, config.head_dim, base, linear, str(positions.device)
     )
     # Channels that do not rotate have frequency 0: cos 1 and sin 0, so they pass through unchanged.
-    angles = positions[:, None, :, None].float() * frequencies
+    angles = positions[:, :, None, None].float() * frequencies
     return Rotation(angles.cos(), angles.sin() * signs, partner)
 
 
 def apply_rotary(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """Rotate the rotary channels of ``x`` (batch, heads, seq, head_dim), in fp32; the rest pass through exactly."""
+    """Rotate the rotary channels of ``x`` (batch, seq, heads, head_dim), in fp32; the rest pass through exactly."""
     rot = x.float()
     rotated = rot * rotation.cos + rot.index_select(-1, rotation.partner) * rotation.sin
     return rotated.to(x.dtype)
