@@ -30,9 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi_core.bench import SHAPES, random_model, random_state, transformers_twin
+from phi_core.bench import SHAPES, random_model, random_state, transformers_twin, weight_bytes_per_step
 from phi_core.generation import GenerationParams, Timing, generate
-from phi_core.linear import PhiLinear
 from phi_core.precision import FLOAT_DTYPES
 
 DTYPES = ["float32", "bfloat16", "float16", "int8"]
@@ -82,16 +81,6 @@ def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, floa
     # generate() includes its own prefill: subtract the separately measured one.
     decode = max(total - prefill, 1e-9)
     return prefill, len(prompts) * (new_tokens - 1) / decode
-
-
-def our_weight_bytes(model) -> int:
-    """Bytes of matrices a decode step reads (every matrix once; the embedding lookup reads one row)."""
-    return sum(m.stored_bytes() for m in model.modules() if isinstance(m, PhiLinear))
-
-
-def twin_weight_bytes(twin) -> int:
-    linears = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 def measure(name, dtype, runner, prompts, args, bytes_per_step, bandwidth) -> dict:
@@ -154,7 +143,7 @@ def speed_report(args: argparse.Namespace) -> list[dict]:
             for batch in batches:
                 run = functools.partial(theirs, twin)
                 results.append(
-                    measure("transformers", dtype, run, prompts[batch], args, twin_weight_bytes(twin), bandwidth)
+                    measure("transformers", dtype, run, prompts[batch], args, weight_bytes_per_step(twin), bandwidth)
                 )
                 print(json.dumps(results[-1]), flush=True)
             del twin
@@ -162,7 +151,9 @@ def speed_report(args: argparse.Namespace) -> list[dict]:
         model = random_model(config, dtype, "cpu")
         for batch in batches:
             run = functools.partial(ours, model)
-            results.append(measure("phi_core", dtype, run, prompts[batch], args, our_weight_bytes(model), bandwidth))
+            results.append(
+                measure("phi_core", dtype, run, prompts[batch], args, weight_bytes_per_step(model), bandwidth)
+            )
             print(json.dumps(results[-1]), flush=True)
         del model
     return results

@@ -11,11 +11,14 @@ from rich.table import Table
 
 from phi_cli.errors import UsageProblem
 from phi_cli.io import stderr, stdout_console
-from phi_cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from phi_cli.options import DeviceOpt, QuietOpt
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.bench import BenchReport, BenchSettings, format_bytes, plot_chart, run_benchmark, write_csv, write_json
+from phi_core.precision import DTYPE_CHOICES
 
 CPU_DEFAULT_LAYERS = 2  # the full 24-layer sweep takes hours on a small CPU
+# Generate mode on a CPU compares the weight formats by default: float16 runs the same kernel as bfloat16.
+CPU_GENERATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def bench_command(
@@ -38,7 +41,13 @@ def bench_command(
         typer.Option(help="forward: one prefill pass; generate: prefill + --new-tokens decode steps."),
     ] = "forward",
     new_tokens: Annotated[int, typer.Option(min=1, help="Decode steps in generate mode.")] = 32,
-    dtype: DtypeOpt = None,
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Weight dtype to measure (repeatable) [default: float32 on CPU, float16 on CUDA; in generate mode "
+            "on CPU: float32, bfloat16 and int8]."
+        ),
+    ] = None,
     device: DeviceOpt = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs (median, min, max reported).")] = 3,
@@ -66,10 +75,17 @@ def bench_command(
     flash-attention chart needs a CUDA GPU:
 
     phi bench --device cuda --dtype float16 --attn eager --attn sdpa --attn flash_attention_2 --plot fa2.png
+
+    Generate mode compares weight dtypes by decode speed and the weight bandwidth it achieves:
+
+    phi bench --mode generate --shape phi-1.5 --layers 24 --seq-len 128 --batch-sizes 1 --against transformers
     """
     for name in attn or ():
         if name not in ATTENTION_BACKENDS:
             raise UsageProblem(f"--attn {name!r} is not a backend (choose from {', '.join(ATTENTION_BACKENDS)})")
+    for name in dtype or ():
+        if name not in DTYPE_CHOICES:
+            raise UsageProblem(f"--dtype {name!r} is not a dtype (choose from {', '.join(DTYPE_CHOICES)})")
     batches = _parse_batches(batch_sizes)
     device = device or "cpu"
     if layers is None and model is None and not quick and device == "cpu":
@@ -89,7 +105,7 @@ def bench_command(
         batch_sizes=batches,
         mode=mode,
         new_tokens=new_tokens,
-        dtype=dtype or ("float32" if device == "cpu" else "float16"),
+        dtypes=tuple(dtype or _default_dtypes(device, mode)),
         device=device,
         warmup=warmup,
         repeats=repeats,
@@ -111,6 +127,12 @@ def bench_command(
         plot_chart(report, plot)
 
 
+def _default_dtypes(device: str, mode: str) -> tuple[str, ...]:
+    if device != "cpu":
+        return ("float16",)
+    return CPU_GENERATE_DTYPES if mode == "generate" else ("float32",)
+
+
 def _parse_batches(text: str) -> tuple[int, ...]:
     try:
         batches = tuple(int(b) for b in text.split(","))
@@ -124,31 +146,51 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 def _print_report(report: BenchReport) -> None:
     s, meta = report.settings, report.metadata
     layers = f", only {meta['layers']} layers (--layers)" if meta["reduced_layers"] else ""
+    generating = s.mode == "generate"
+    new = f" + {s.new_tokens} new tokens" if generating else ""
     title = (
-        f"{s.model or s.shape} {s.mode}, seq {s.seq_len}, {s.dtype}, {s.device}{layers}; "
+        f"{s.model or s.shape} {s.mode}, seq {s.seq_len}{new}, {s.device}{layers}; "
         f"{meta['gpu'] or meta['cpu']}, {meta['threads']} threads"
     )
     table = Table(title=title, title_style="bold")
-    for name in ("impl", "attn", "batch", "median s", "min-max s", "tokens/s", "vs eager", "attn share", "peak mem"):
-        table.add_column(name, justify="left" if name in ("impl", "attn") else "right")
+    columns = ["impl", "dtype", "attn", "batch", "median s", "min-max s", "tokens/s", "vs eager"]
+    columns += ["decode tok/s", "weights/step", "GB/s", "vs hf fp32"] if generating else ["attn share"]
+    for name in [*columns, "peak mem"]:
+        table.add_column(name, justify="left" if name in ("impl", "dtype", "attn") else "right")
     skipped: dict[str, str] = {}
     for row in report.rows:
         if row.skipped:
             skipped[row.backend] = row.skipped
             continue
         data = row.to_dict()
-        speedup = report.speedup(row)
-        table.add_row(
+        cells = [
             row.implementation,
+            row.dtype,
             row.backend,
             str(row.batch_size),
             f"{data['median_s']:.3f}",
             f"{data['min_s']:.3f}-{data['max_s']:.3f}",
             f"{data['tokens_per_s']:.1f}",
-            "-" if speedup is None else f"{speedup:.2f}x",
-            "-" if data["attention_share"] is None else f"{data['attention_share']:.0%}",
-            format_bytes(row.peak_memory_bytes),
-        )
+            _ratio(report.speedup(row)),
+        ]
+        if generating:
+            cells += [
+                _number(row.decode_tokens_per_s, ".1f"),
+                format_bytes(row.weight_bytes_per_step),
+                _number(row.weight_gb_per_s, ".1f"),
+                _ratio(report.decode_speedup(row)),
+            ]
+        else:
+            cells.append(_number(data["attention_share"], ".0%"))
+        table.add_row(*cells, format_bytes(row.peak_memory_bytes))
     stdout_console().print(table)
     for backend, reason in skipped.items():
         stderr.print(f"skipped {backend}: {reason}", highlight=False)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -99,11 +99,11 @@ def generate_command(
             finished.append(item)
             advance()
             if as_json:
-                write_json_line(_result_record(records[item.index], item))
+                write_json_line(_result_record(records[item.index], item, lm.precision.name))
     if not as_json:
         _write("\n")
     if stats:
-        _print_stats(finished)
+        _print_stats(finished, lm.precision.describe())
 
 
 def _records(prompt: str | None, input_file: str | None) -> list[dict[str, Any]]:
@@ -120,7 +120,7 @@ def _records(prompt: str | None, input_file: str | None) -> list[dict[str, Any]]
     return [{"prompt": prompt}]
 
 
-def _result_record(record: dict[str, Any], done: Completion) -> dict[str, Any]:
+def _result_record(record: dict[str, Any], done: Completion, dtype: str) -> dict[str, Any]:
     return {
         **record,
         "prompt": done.prompt,
@@ -132,6 +132,7 @@ def _result_record(record: dict[str, Any], done: Completion) -> dict[str, Any]:
         "prefill_s": round(done.prefill_s, 4),
         "decode_s": round(done.decode_s, 4),
         "tokens_per_s": round(done.tokens_per_s, 2),
+        "dtype": dtype,
     }
 
 
@@ -140,14 +141,16 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _print_stats(finished: list[Completion]) -> None:
+def _print_stats(finished: list[Completion], precision: str) -> None:
     prompt_tokens = sum(c.prompt_tokens for c in finished)
     new_tokens = sum(c.completion_tokens for c in finished)
-    prefill = sum({(c.index // 1, c.prefill_s)[1] for c in finished})
+    prefill = sum({c.prefill_s for c in finished})  # the prompts of one batch share one prefill time
     decode = max((c.decode_s for c in finished), default=0.0)
     rate = new_tokens / decode if decode > 0 else 0.0
     stderr.print(
         f"{len(finished)} prompt(s): {prompt_tokens} prompt tokens, prefill {prefill:.3f} s; "
-        f"{new_tokens} new tokens in {decode:.3f} s ({rate:.1f} tokens/s)",
+        f"{new_tokens} new tokens in {decode:.3f} s ({rate:.1f} tokens/s); {precision}",
         highlight=False,
+        markup=False,
+        soft_wrap=True,
     )

@@ -13,6 +13,7 @@ from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.embedded import DEFAULT_FOR_TASK
 from phi_core.model import PhiPreTrained
+from phi_core.precision import DTYPE_CHOICES
 
 MODEL_PANEL = "Model"
 
@@ -28,13 +29,16 @@ ModelOpt = Annotated[
 RevisionOpt = Annotated[
     str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL_PANEL)
 ]
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+assert get_args(Dtype) == DTYPE_CHOICES
 Backend = Literal["eager", "sdpa", "flash_attention_2"]
 assert get_args(Backend) == ATTENTION_BACKENDS
 DtypeOpt = Annotated[
     Dtype | None,
     typer.Option(
-        help="Weights and compute dtype [default: float32 on CPU, float16 on CUDA].", rich_help_panel=MODEL_PANEL
+        help="Weight dtype. On a CPU, 16-bit and int8 weights are multiplied in float32 (half or a quarter of the "
+        "bytes per token); auto keeps the checkpoint's own precision [default: auto on CPU, float16 on CUDA].",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 AttnOpt = Annotated[Backend, typer.Option(help="Attention backend.", rich_help_panel=MODEL_PANEL)]
@@ -61,7 +65,7 @@ def model_choice(
 ) -> ModelChoice:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        dtype = "float32" if device == "cpu" else "float16"
+        dtype = "auto" if torch.device(device).type == "cpu" else "float16"
     return ModelChoice(model or DEFAULT_FOR_TASK[task], revision, dtype, attn, device)
 
 

@@ -4,6 +4,10 @@ docs' speedup chart.
 Timing: warm-up runs are excluded; CUDA work is synchronized before the clock is read; every repeat is kept
 and reported as median, min and max. Peak memory is CUDA's max allocated on a GPU and the resident-set
 high-water mark (reset before each measurement through /proc/self/clear_refs) on a CPU.
+
+In generate mode each row also has its decode rate (new tokens after the first, which the prefill yields, over
+the decode time) and the weight bytes one decode step reads, so their product is the bandwidth achieved: on a
+CPU batch-1 decoding reads every matrix once per token, and that bandwidth is its ceiling.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, attention_func
 from phi_core.config import PhiConfig
 from phi_core.embedded import TINY_CONFIG
 from phi_core.errors import BackendUnavailableError, PhiError
-from phi_core.generation import GenerationParams, generate
+from phi_core.generation import GenerationParams, Timing, generate
+from phi_core.linear import PhiLinear
 from phi_core.model import PhiForCausalLM
 from phi_core.precision import FLOAT_DTYPES, choose_precision
 
@@ -52,7 +57,7 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     mode: Mode = "forward"
     new_tokens: int = 32
-    dtype: str = "float32"
+    dtypes: tuple[str, ...] = ("float32",)
     device: str = "cpu"
     warmup: int = 1
     repeats: int = 3
@@ -69,11 +74,16 @@ class Row:
     implementation: str
     backend: str
     batch_size: int
+    dtype: str = "float32"
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0
     peak_memory_bytes: int | None = None
     attention_seconds: float | None = None
     skipped: str | None = None
+    # Generate mode only: each repeat's decode seconds, the new tokens they produced, the matrix bytes per step.
+    decode_seconds: list[float] = field(default_factory=list)
+    decode_tokens: int = 0
+    weight_bytes_per_step: int | None = None
 
     @property
     def median_s(self) -> float | None:
@@ -83,6 +93,21 @@ class Row:
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.median_s if self.seconds and self.median_s else None
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if not self.decode_seconds or not self.decode_tokens:
+            return None
+        median = statistics.median(self.decode_seconds)
+        return self.decode_tokens / median if median > 0 else None
+
+    @property
+    def weight_gb_per_s(self) -> float | None:
+        """Matrix bytes read per second of decoding (one read per step, whatever the batch)."""
+        rate = self.decode_tokens_per_s
+        if rate is None or self.weight_bytes_per_step is None:
+            return None
+        return self.weight_bytes_per_step * rate / self.batch_size / 1e9
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
@@ -90,6 +115,8 @@ class Row:
             min_s=min(self.seconds) if self.seconds else None,
             max_s=max(self.seconds) if self.seconds else None,
             tokens_per_s=self.tokens_per_s,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+            weight_gb_per_s=self.weight_gb_per_s,
             attention_share=(
                 self.attention_seconds / self.median_s if self.attention_seconds and self.median_s else None
             ),
@@ -103,27 +130,47 @@ class BenchReport:
     metadata: dict[str, Any]
     rows: list[Row]
 
-    def baseline(self, batch_size: int) -> Row | None:
+    def baseline(self, row: Row) -> Row | None:
+        """phi_core's eager row at the same batch size and dtype."""
         return next(
             (
                 r
                 for r in self.rows
-                if r.batch_size == batch_size and r.implementation == "phi_core" and r.backend == "eager" and r.seconds
+                if (r.batch_size, r.dtype) == (row.batch_size, row.dtype)
+                and r.implementation == "phi_core"
+                and r.backend == "eager"
+                and r.seconds
             ),
             None,
         )
 
     def speedup(self, row: Row) -> float | None:
-        base = self.baseline(row.batch_size)
+        base = self.baseline(row)
         if base is None or not row.seconds:
             return None
         return base.median_s / row.median_s
+
+    def decode_speedup(self, row: Row) -> float | None:
+        """Decode tokens/s over transformers' float32 decode tokens/s (same backend and batch), in generate mode."""
+        reference = next(
+            (
+                r
+                for r in self.rows
+                if (r.implementation, r.dtype, r.backend, r.batch_size)
+                == ("transformers", "float32", row.backend, row.batch_size)
+            ),
+            None,
+        )
+        if reference is None or not reference.decode_tokens_per_s or not row.decode_tokens_per_s:
+            return None
+        return row.decode_tokens_per_s / reference.decode_tokens_per_s
 
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for row in self.rows:
             data = row.to_dict()
             data["speedup_vs_eager"] = self.speedup(row)
+            data["decode_vs_transformers_float32"] = self.decode_speedup(row)
             rows.append(data)
         return {"settings": asdict(self.settings), "metadata": self.metadata, "rows": rows}
 
@@ -243,20 +290,25 @@ def peak_memory(device: str) -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_runs(run: Callable[[], object], device: str, warmup: int, repeats: int) -> tuple[list[float], int | None]:
-    """Seconds of each of ``repeats`` runs after ``warmup`` untimed ones, and the peak memory of the timed runs."""
+def time_runs(
+    run: Callable[[], float | None], device: str, warmup: int, repeats: int
+) -> tuple[list[float], list[float], int | None]:
+    """Seconds of each of ``repeats`` runs after ``warmup`` untimed ones, the part of them each run reports as
+    its decode seconds (when it does), and the peak memory of the timed runs."""
     for _ in range(warmup):
         run()
     synchronize(device)
     reset_peak_memory(device)
-    seconds = []
+    seconds, reported = [], []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        run()
+        part = run()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return seconds, peak_memory(device)
+        if part is not None:
+            reported.append(part)
+    return seconds, reported, peak_memory(device)
 
 
 def attention_seconds(
@@ -271,7 +323,7 @@ def attention_seconds(
     v = torch.randn(kv_shape, generator=generator, device=device, dtype=dtype)
     mask = AttentionMask(key_valid=None, new=seq_len, total=seq_len, device=torch.device(device))
     attend = attention_function(backend)
-    seconds, _ = time_runs(lambda: attend(q, k, v, mask), device, warmup=1, repeats=repeats)
+    seconds, _, _ = time_runs(lambda: attend(q, k, v, mask), device, warmup=1, repeats=repeats)
     return statistics.median(seconds) * config.num_hidden_layers
 
 
@@ -292,74 +344,95 @@ def available_backends(settings: BenchSettings, dtype: torch.dtype) -> list[tupl
 
 
 def run_benchmark(settings: BenchSettings, on_step: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure every (implementation, backend, batch size) of ``settings``; ``on_step`` hears progress."""
-    from phi_core.loading import load_model
+    """Measure every (dtype, implementation, backend, batch size) of ``settings``; ``on_step`` hears progress.
 
+    One model is held at a time. transformers runs once per float dtype (int8 compares with its float32)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if settings.model is not None:
-        model = load_model(settings.model, "causal-lm", settings.dtype, "sdpa", settings.device)
-        if settings.layers is not None:
-            model.model.layers = model.model.layers[: settings.layers]
-            model.config = model.model.config = replace(model.config, num_hidden_layers=settings.layers)
-    else:
-        model = random_model(bench_config(settings), settings.dtype, settings.device, settings.seed)
-    dtype = model.compute_dtype
-    backends = available_backends(settings, dtype)
     rows: list[Row] = []
-    for batch in settings.batch_sizes:
-        ids = torch.randint(
-            0,
-            min(model.config.vocab_size, 50257),
-            (batch, settings.seq_len),
-            generator=torch.Generator().manual_seed(settings.seed),
-        ).to(settings.device)
-        for backend, reason in backends:
-            if on_step:
-                on_step(f"phi_core {backend} batch {batch}")
-            rows.append(_measure_ours(model, backend, reason, ids, settings, dtype))
-            if settings.against_transformers and reason is None and backend != "flash_attention_2":
+    twin_dtypes_done: set[str] = set()
+    info: dict[str, Any] = {}
+    for dtype_name in settings.dtypes:
+        model = _bench_model(settings, dtype_name)
+        info = info or metadata(settings, model)
+        backends = available_backends(settings, model.compute_dtype)
+        twin_dtype = dtype_name if dtype_name in FLOAT_DTYPES else "float32"
+        with_twin = settings.against_transformers and twin_dtype not in twin_dtypes_done
+        twin_dtypes_done.add(twin_dtype)
+        for batch in settings.batch_sizes:
+            ids = torch.randint(
+                0,
+                min(model.config.vocab_size, 50257),
+                (batch, settings.seq_len),
+                generator=torch.Generator().manual_seed(settings.seed),
+            ).to(settings.device)
+            for backend, reason in backends:
                 if on_step:
-                    on_step(f"transformers {backend} batch {batch}")
-                rows.append(_measure_transformers(model, backend, ids, settings))
-    return BenchReport(settings, metadata(settings, model), rows)
+                    on_step(f"phi_core {model.precision.name} {backend} batch {batch}")
+                rows.append(_measure_ours(model, backend, reason, ids, settings))
+                if with_twin and reason is None and backend != "flash_attention_2":
+                    if on_step:
+                        on_step(f"transformers {twin_dtype} {backend} batch {batch}")
+                    rows.append(_measure_transformers(model, twin_dtype, backend, ids, settings))
+        del model
+    return BenchReport(settings, info, rows)
+
+
+def _bench_model(settings: BenchSettings, dtype: str) -> PhiForCausalLM:
+    """The checkpoint of ``settings.model`` (cut to ``settings.layers``), or random weights of the shape."""
+    from phi_core.loading import load_model
+
+    if settings.model is None:
+        return random_model(bench_config(settings), dtype, settings.device, settings.seed)
+    model = load_model(settings.model, "causal-lm", dtype, "sdpa", settings.device)
+    if settings.layers is not None:
+        model.model.layers = model.model.layers[: settings.layers]
+        model.config = model.model.config = replace(model.config, num_hidden_layers=settings.layers)
+    return model
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of matrices one decode step reads: every Linear once (the embedding is a row lookup)."""
+    if isinstance(model, PhiForCausalLM):
+        return sum(m.stored_bytes() for m in model.modules() if isinstance(m, PhiLinear))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 def _measure_ours(
-    model: PhiForCausalLM,
-    backend: str,
-    reason: str | None,
-    ids: torch.Tensor,
-    settings: BenchSettings,
-    dtype: torch.dtype,
+    model: PhiForCausalLM, backend: str, reason: str | None, ids: torch.Tensor, settings: BenchSettings
 ) -> Row:
-    row = Row("phi_core", backend, ids.shape[0], skipped=reason)
+    row = Row("phi_core", backend, ids.shape[0], model.precision.name, skipped=reason)
     if reason is not None:
         return row
     model.set_attention_backend(backend)
     run = _forward_run(model, ids) if settings.mode == "forward" else _generate_run(model, ids, settings.new_tokens)
     with torch.no_grad():
-        row.seconds, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
+        row.seconds, decode, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
     row.tokens = _tokens_per_run(ids, settings)
     if settings.mode == "forward":
         row.attention_seconds = attention_seconds(
-            model.config, backend, ids.shape[0], ids.shape[1], dtype, settings.device, settings.repeats
+            model.config, backend, ids.shape[0], ids.shape[1], model.compute_dtype, settings.device, settings.repeats
         )
+    else:
+        _record_decode(row, decode, model, settings)
     return row
 
 
-def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor, settings: BenchSettings) -> Row:
-    twin = transformers_twin(model.config, backend, _twin_weights(model, settings), settings.device)
-    row = Row("transformers", backend, ids.shape[0])
+def _measure_transformers(
+    model: PhiForCausalLM, dtype: str, backend: str, ids: torch.Tensor, settings: BenchSettings
+) -> Row:
+    twin = transformers_twin(model.config, backend, _twin_weights(model, dtype, settings), settings.device)
+    row = Row("transformers", backend, ids.shape[0], dtype)
     if settings.mode == "forward":
 
-        def run() -> object:
-            return twin(ids)
+        def run() -> None:
+            twin(ids)
     else:
         mask = torch.ones_like(ids)
 
-        def run() -> object:
-            return twin.generate(
+        def run() -> None:
+            twin.generate(
                 ids,
                 attention_mask=mask,
                 do_sample=False,
@@ -369,33 +442,54 @@ def _measure_transformers(model: PhiForCausalLM, backend: str, ids: torch.Tensor
             )
 
     with torch.no_grad():
-        row.seconds, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
+        row.seconds, _, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
+        if settings.mode == "generate":
+            # generate() does not report its prefill: time the same prefill alone (last logits only, as generate
+            # keeps) and take it off each run.
+            prefill, _, _ = time_runs(lambda: twin(ids, attention_mask=mask, logits_to_keep=1), settings.device, 0, 1)
+            decode = [max(seconds - prefill[0], 1e-9) for seconds in row.seconds]
+            _record_decode(row, decode, twin, settings)
     row.tokens = _tokens_per_run(ids, settings)
     return row
 
 
-def _twin_weights(model: PhiForCausalLM, settings: BenchSettings) -> dict[str, torch.Tensor]:
-    """Plain weights for transformers: the same values as ours, in the dtype that was asked for (transformers has
-    no int8 CPU path, so int8 compares with float32)."""
-    dtype = FLOAT_DTYPES.get(model.precision.weights, torch.float32)
+def _record_decode(row: Row, decode_seconds: list[float], model: torch.nn.Module, settings: BenchSettings) -> None:
+    row.decode_seconds = decode_seconds
+    row.decode_tokens = row.batch_size * (settings.new_tokens - 1)  # the first new token comes from the prefill
+    row.weight_bytes_per_step = weight_bytes_per_step(model)
+
+
+def _twin_weights(model: PhiForCausalLM, dtype: str, settings: BenchSettings) -> dict[str, torch.Tensor]:
+    """Plain weights for transformers: the same values as ours, in ``dtype``."""
+    torch_dtype = FLOAT_DTYPES[dtype]
     if settings.model is None:
-        return {name: tensor.to(settings.device, dtype) for name, tensor in random_state(model.config, settings.seed)}
+        return {name: t.to(settings.device, torch_dtype) for name, t in random_state(model.config, settings.seed)}
     from phi_core.checkpoint import read_state_dict, resolve_source
     from phi_core.convert import to_current_layout
 
     folder = resolve_source(settings.model, None, weights=True)
     state = to_current_layout(read_state_dict(folder), model.config, "causal-lm", folder)
-    return {name: tensor.to(settings.device, dtype) for name, tensor in state.items()}
+    return {name: tensor.to(settings.device, torch_dtype) for name, tensor in state.items()}
 
 
-def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], object]:
-    return lambda: model(ids)
+def _forward_run(model: PhiForCausalLM, ids: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model(ids)
+
+    return run
 
 
-def _generate_run(model: PhiForCausalLM, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+def _generate_run(model: PhiForCausalLM, ids: torch.Tensor, new_tokens: int) -> Callable[[], float]:
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)  # as transformers
     prompts = ids.tolist()
-    return lambda: sum(1 for _ in generate(model, None, prompts, params))
+
+    def run() -> float:
+        timing = Timing()
+        for _ in generate(model, None, prompts, params, timing):
+            pass
+        return timing.decode_s
+
+    return run
 
 
 def _tokens_per_run(ids: torch.Tensor, settings: BenchSettings) -> int:
@@ -441,6 +535,7 @@ def write_json(report: BenchReport, path: Path) -> None:
 
 CSV_FIELDS = (
     "implementation",
+    "dtype",
     "backend",
     "batch_size",
     "median_s",
@@ -448,6 +543,10 @@ CSV_FIELDS = (
     "max_s",
     "tokens_per_s",
     "speedup_vs_eager",
+    "decode_tokens_per_s",
+    "weight_bytes_per_step",
+    "weight_gb_per_s",
+    "decode_vs_transformers_float32",
     "peak_memory_bytes",
     "attention_share",
     "skipped",
@@ -472,15 +571,23 @@ def plot_chart(report: BenchReport, path: Path) -> None:
     except ImportError:
         raise PhiError("--plot needs matplotlib: pip install 'phi-toolkit[plot]'") from None
     measured = [r for r in report.rows if r.seconds]
-    series = sorted({(r.implementation, r.backend) for r in measured}, key=lambda s: (s[0] != "phi_core", s[1]))
+    series = sorted(
+        {(r.implementation, r.dtype, r.backend) for r in measured}, key=lambda s: (s[0] != "phi_core", s[1], s[2])
+    )
+    several_dtypes = len({r.dtype for r in measured}) > 1
     batches = list(report.settings.batch_sizes)
     width = 0.8 / max(len(series), 1)
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for i, (impl, backend) in enumerate(series):
+    for i, (impl, dtype, backend) in enumerate(series):
         xs, ys, labels = [], [], []
         for j, batch in enumerate(batches):
             row = next(
-                (r for r in measured if (r.implementation, r.backend, r.batch_size) == (impl, backend, batch)), None
+                (
+                    r
+                    for r in measured
+                    if (r.implementation, r.dtype, r.backend, r.batch_size) == (impl, dtype, backend, batch)
+                ),
+                None,
             )
             if row is None:
                 continue
@@ -489,12 +596,14 @@ def plot_chart(report: BenchReport, path: Path) -> None:
             speedup = report.speedup(row)
             labels.append("" if speedup is None else f"{speedup:.2f}x")
         name = backend if impl == "phi_core" else f"{impl} {backend}"
+        if several_dtypes:
+            name = f"{name} {dtype}"
         bars = axis.bar(xs, ys, width, label=name)
         axis.bar_label(bars, labels=labels, fontsize=8, padding=2)
     s = report.settings
     layers = f", {report.metadata['layers']} layers" if s.layers is not None else ""
     axis.set_title(
-        f"{s.shape if s.model is None else s.model}: {s.mode}, seq {s.seq_len}, {s.dtype}{layers}\n"
+        f"{s.shape if s.model is None else s.model}: {s.mode}, seq {s.seq_len}, {', '.join(s.dtypes)}{layers}\n"
         f"{report.metadata['gpu'] or report.metadata['cpu']}",
         fontsize=10,
     )

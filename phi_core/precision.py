@@ -45,7 +45,7 @@ class Precision:
             text = f"{self.weights} weights{held} (fbgemm packed), {compute} compute"
         else:
             text = f"int8 weights (fbgemm packed, a scale per row, activations quantized per call), {compute} compute"
-        return f"{text} [{self.requested}]" if self.requested == "auto" else text
+        return f"auto: {text}" if self.requested == "auto" else text
 
     def round_to(self) -> torch.dtype | None:
         """The dtype packed weights are rounded to before packing (bfloat16 models keep bfloat16 values)."""

@@ -11,9 +11,17 @@ from typer.testing import CliRunner
 
 from phi_cli.main import app
 from phi_core.bench import SHAPES, BenchSettings, random_model, run_benchmark
+from phi_core.linear import packed_formats_available
 
 ROW_FIELDS = {
     "implementation",
+    "dtype",
+    "decode_seconds",
+    "decode_tokens",
+    "decode_tokens_per_s",
+    "weight_bytes_per_step",
+    "weight_gb_per_s",
+    "decode_vs_transformers_float32",
     "backend",
     "batch_size",
     "seconds",
@@ -102,6 +110,87 @@ def test_generate_mode_counts_new_tokens(lm_checkpoint):
     )
     (row,) = report.rows
     assert row.tokens == 10 and row.tokens_per_s > 0 and row.attention_seconds is None
+    # The first new token of each row comes from the prefill: 4 decode steps of 2 rows.
+    assert row.decode_tokens == 8 and len(row.decode_seconds) == 1
+    assert 0 < row.decode_seconds[0] < row.seconds[0] and row.decode_tokens_per_s > row.tokens_per_s
+
+
+@pytest.mark.skipif(not packed_formats_available(), reason="this torch build has no fbgemm")
+def test_generate_mode_compares_dtypes_with_transformers(lm_checkpoint):
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "-m",
+            str(lm_checkpoint),
+            "--mode",
+            "generate",
+            "--attn",
+            "sdpa",
+            "--seq-len",
+            "4",
+            "--new-tokens",
+            "3",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--dtype",
+            "float32",
+            "--dtype",
+            "bfloat16",
+            "--dtype",
+            "int8",
+            "--against",
+            "transformers",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for column in ("decode tok/s", "weights/step", "GB/s", "vs hf fp32"):
+        assert column in result.stdout
+    report = run_benchmark(
+        BenchSettings(
+            model=str(lm_checkpoint),
+            backends=("sdpa",),
+            seq_len=4,
+            batch_sizes=(1,),
+            mode="generate",
+            new_tokens=3,
+            dtypes=("float32", "int8", "bfloat16"),
+            warmup=0,
+            repeats=1,
+            against_transformers=True,
+        )
+    )
+    rows = {(r.implementation, r.dtype): r for r in report.rows}
+    # transformers once per float dtype: int8 compares with float32's row.
+    assert sorted(rows) == [
+        ("phi_core", "bfloat16"),
+        ("phi_core", "float32"),
+        ("phi_core", "int8"),
+        ("transformers", "bfloat16"),
+        ("transformers", "float32"),
+    ]
+    linears = transformers_linears(lm_checkpoint)
+    linear_params = sum(m.weight.numel() for m in linears)
+    assert rows["phi_core", "float32"].weight_bytes_per_step == 4 * linear_params
+    assert rows["transformers", "float32"].weight_bytes_per_step == 4 * linear_params
+    assert rows["phi_core", "bfloat16"].weight_bytes_per_step == 2 * linear_params
+    # A byte per weight and a float64 scale per output row.
+    assert rows["phi_core", "int8"].weight_bytes_per_step == linear_params + 8 * sum(m.out_features for m in linears)
+    for row in rows.values():
+        assert row.weight_gb_per_s > 0
+    assert report.decode_speedup(rows["transformers", "float32"]) == 1.0
+    assert report.decode_speedup(rows["phi_core", "int8"]) > 0
+
+
+def transformers_linears(folder):
+    import transformers
+
+    model = transformers.PhiForCausalLM.from_pretrained(folder)
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def test_only_backend_asked_for_that_cannot_run_is_an_error(lm_checkpoint):
@@ -133,6 +222,7 @@ def test_only_backend_asked_for_that_cannot_run_is_an_error(lm_checkpoint):
         (["--batch-sizes", "0"], "positive"),
         (["--output", "r.txt"], "use a .json or .csv"),
         (["--shape", "phi-3"], "--shape"),
+        (["--dtype", "float8"], "--dtype 'float8' is not a dtype"),
     ],
 )
 def test_bad_options(args, message):

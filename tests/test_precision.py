@@ -1,0 +1,165 @@
+"""Weight storage apart from compute: which precision each --dtype resolves to, and that the packed CPU formats
+compute what transformers computes on the same (rounded) weights."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS
+from typer.testing import CliRunner
+
+import phi_core
+from phi_cli.main import app
+from phi_core.errors import PhiError
+from phi_core.generation import GenerationParams, generate
+from phi_core.linear import PhiLinear, packed_formats_available, quantize_rows
+from phi_core.precision import choose_precision
+
+needs_fbgemm = pytest.mark.skipif(not packed_formats_available(), reason="this torch build has no fbgemm")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@needs_fbgemm
+@pytest.mark.parametrize(
+    ("requested", "checkpoint", "weights", "weight_format"),
+    [
+        ("auto", F32, "float32", "dense"),
+        ("auto", F16, "float16", "float16"),
+        ("auto", BF16, "bfloat16", "float16"),
+        ("float32", F16, "float32", "dense"),
+        ("bfloat16", F32, "bfloat16", "float16"),
+        ("float16", BF16, "float16", "float16"),
+        ("int8", F16, "int8", "int8"),
+        (torch.bfloat16, F32, "bfloat16", "float16"),
+    ],
+)
+def test_cpu_choices(requested, checkpoint, weights, weight_format):
+    precision = choose_precision(requested, "cpu", checkpoint)
+    assert (precision.weights, precision.weight_format, precision.compute) == (weights, weight_format, F32)
+
+
+def test_gpu_choices_keep_one_dtype_for_weights_and_compute():
+    precision = choose_precision("auto", "cuda", F16)
+    assert (precision.weights, precision.weight_format, precision.compute) == ("float16", "dense", F16)
+    assert choose_precision("bfloat16", "cuda").compute == BF16
+    with pytest.raises(PhiError, match="int8 runs on a CPU"):
+        choose_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        choose_precision("float8", "cpu")
+
+
+@needs_fbgemm
+def test_describe_says_what_auto_picked():
+    assert choose_precision("auto", "cpu", F16).describe() == ("auto: float16 weights (fbgemm packed), float32 compute")
+    assert choose_precision("bfloat16", "cpu").describe() == (
+        "bfloat16 weights, held as float16 (fbgemm packed), float32 compute"
+    )
+
+
+def _reference_logits(reference: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers in float32 on the matrices rounded to ``dtype``, as phi_core stores them (the embedding and
+    every Linear weight; LayerNorms and biases stay float32)."""
+    rounded = {
+        name: (t.to(dtype).float() if name.endswith("weight") and t.dim() == 2 else t)
+        for name, t in reference.state_dict().items()
+    }
+    twin = type(reference)(reference.config).eval()
+    twin.load_state_dict(rounded)
+    with torch.no_grad():
+        return twin(ids).logits
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", ["phi-1.5-like", "qk-layernorm", "gqa"])
+def test_16_bit_weights_compute_like_float32_on_the_rounded_weights(make_checkpoint, variant, dtype):
+    reference, folder = make_checkpoint(**CONFIGS[variant])
+    ours = phi_core.load_model(folder, dtype=dtype)
+    assert ours.compute_dtype == F32
+    linears = [m for m in ours.modules() if isinstance(m, PhiLinear)]
+    assert linears and all(m.weight_format == "float16" and m.weight is None for m in linears)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    expected = _reference_logits(reference, ids, getattr(torch, dtype))
+    assert (ours(ids).logits - expected).abs().max() <= 1e-4
+
+
+@needs_fbgemm
+def test_16_bit_weights_over_float16_range_are_refused(make_checkpoint):
+    reference, folder = make_checkpoint()
+    with torch.no_grad():
+        reference.model.layers[0].mlp.fc1.weight[0, 0] = 1e5
+    reference.save_pretrained(folder)
+    with pytest.raises(PhiError, match="does not fit in 16 bits here; use --dtype float32"):
+        phi_core.load_model(folder, dtype="bfloat16")
+
+
+def test_quantize_rows_is_symmetric_per_row_within_half_a_step():
+    weight = torch.randn(6, 40) * torch.tensor([1e-3, 0.1, 1.0, 3.0, 10.0, 0.02])[:, None]
+    quantized = quantize_rows(weight)
+    scales = quantized.q_per_channel_scales().float()
+    assert torch.allclose(scales, weight.abs().amax(dim=1) / 127, rtol=1e-6)
+    assert quantized.int_repr().abs().max() <= 127
+    assert ((quantized.dequantize() - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+
+@needs_fbgemm
+def test_int8_logits_stay_close_on_random_weights(make_checkpoint):
+    _, folder = make_checkpoint()
+    full = phi_core.load_model(folder, dtype="float32")
+    int8 = phi_core.load_model(folder, dtype="int8")
+    assert int8.model.layers[0].mlp.fc1.stored_bytes() == 64 * 128 + 8 * 128  # a byte a weight, a scale a row
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(4))
+    expected, got = full(ids).logits, int8(ids).logits
+    # Weight and activation rounding: small against the logits' own spread, but not 1e-4.
+    assert 1e-4 < (got - expected).abs().max() <= 0.05 * expected.std()
+
+
+@needs_fbgemm
+def test_int8_keeps_the_embedded_models_clear_choices():
+    """On a trained model, wherever float32's best token leads clearly, int8 picks it too."""
+    tokenizer = phi_core.load_tokenizer("tiny")
+    ids = torch.tensor([tokenizer.encode(Path(textwrap.__file__).read_text())[:256]])
+    expected = phi_core.load_model("tiny", dtype="float32")(ids).logits[0]
+    got = phi_core.load_model("tiny", dtype="int8")(ids).logits[0]
+    assert (got - expected).abs().mean() <= 0.01 * expected.std()
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1.0
+    assert clear.sum() >= 64
+    assert (got.argmax(-1) == expected.argmax(-1))[clear].all()
+
+
+def _greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    params = GenerationParams(max_new_tokens=steps, ignore_eos=True, logprobs=False)
+    rows: list[list[int]] = [[] for _ in prompts]
+    for event in generate(model, None, prompts, params):
+        rows[event.row].append(event.token_id)
+    return rows
+
+
+@needs_fbgemm
+def test_embedded_model_bfloat16_greedy_matches_float32():
+    """The doc's claim (docs/performance.md): on these prompts bf16 weights give the same greedy tokens."""
+    tokenizer = phi_core.load_tokenizer("tiny")
+    prompts = [tokenizer.encode(text) for text in ("def fibonacci(n):", "import os\n", "class Stack:\n    def")]
+    full = _greedy(phi_core.load_model("tiny", dtype="float32"), prompts, 24)
+    assert _greedy(phi_core.load_model("tiny", dtype="bfloat16"), prompts, 24) == full
+
+
+@needs_fbgemm
+def test_cli_reports_the_precision(lm_checkpoint):
+    runner = CliRunner()
+    args = ["generate", "x", "-m", str(lm_checkpoint), "--max-new-tokens", "3", "--json", "--stats"]
+    result = runner.invoke(app, [*args, "--dtype", "int8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dtype"] == "int8"
+    assert "int8 weights (fbgemm packed" in result.stderr
+    result = runner.invoke(app, args)  # auto on a float32 checkpoint
+    assert json.loads(result.stdout)["dtype"] == "float32"
+    assert "auto: float32 weights and compute" in result.stderr
+    result = runner.invoke(app, [*args, "--dtype", "float8"])
+    assert result.exit_code == 2 and "float8" in result.stderr
