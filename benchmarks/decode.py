@@ -7,11 +7,14 @@
         --dtype bfloat16 --no-transformers        # prefill of 512 tokens
     python benchmarks/decode.py --shape phi-1.5 --memory --dtype float32 --dtype bfloat16 --dtype int8
 
-Reports prefill seconds, decode tokens/s (median of --repeats), the weight bytes each decode step reads, and
-the bandwidth that implies next to this machine's measured float32 GEMV bandwidth (a large matrix-vector
-product, the ceiling for float32 batch-1 decoding). transformers runs in float32 (``--transformers-dtype`` adds
-others). ``--memory`` measures instead each dtype's peak resident memory (load plus a short generation) in a
-fresh process of its own.
+Reports prefill seconds, decode tokens/s (median of --repeats rounds; each round runs every implementation and
+dtype once, in turn), the weight bytes each decode step reads, and the bandwidth that implies next to this
+machine's measured float32 GEMV bandwidth (a large matrix-vector product, the ceiling for float32 batch-1
+decoding), and each one's decode and prefill speed over the first one's (transformers float32), as the median
+of the per-round ratios. transformers runs in float32 (``--transformers-dtype`` adds
+others). ``--memory`` measures instead each dtype's peak resident memory in a fresh process of its own: loading a random
+checkpoint written to disk in --checkpoint-dtype (float16, as Microsoft's Phi checkpoints are stored) through
+``phi_core.load_model``, then a short generation.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import phi_core
 from phi_core.bench import SHAPES, random_model, random_state, transformers_twin, weight_bytes_per_step
 from phi_core.generation import GenerationParams, Timing, generate
 from phi_core.precision import FLOAT_DTYPES
@@ -83,28 +89,36 @@ def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, floa
     return prefill, len(prompts) * (new_tokens - 1) / decode
 
 
-def measure(name, dtype, runner, prompts, args, bytes_per_step, bandwidth) -> dict:
-    runner(prompts, 4)  # warm-up
-    measured = [runner(prompts, args.new_tokens) for _ in range(args.repeats)]
+def summary(name, dtype, measured, batch, step_bytes, bandwidth) -> dict:
+    """Medians of one contender's (prefill seconds, decode tokens/s) over the rounds."""
     prefill = statistics.median(m[0] for m in measured)
     rate = statistics.median(m[1] for m in measured)
-    steps_per_s = rate / len(prompts)
+    steps_per_s = rate / batch
     return {
         "implementation": name,
         "dtype": dtype,
-        "batch": len(prompts),
+        "batch": batch,
         "prefill_s": round(prefill, 4),
         "decode_tokens_per_s": round(rate, 2),
-        "weight_bytes_per_step": bytes_per_step,
-        "weight_gb_per_s": round(bytes_per_step * steps_per_s / 1e9, 2),
-        "share_of_fp32_gemv_bandwidth": round(bytes_per_step * steps_per_s / bandwidth, 3),
+        "weight_bytes_per_step": step_bytes,
+        "weight_gb_per_s": round(step_bytes * steps_per_s / 1e9, 2),
+        "share_of_fp32_gemv_bandwidth": round(step_bytes * steps_per_s / bandwidth, 3),
     }
 
 
-def peak_memory_child(shape: str, dtype: str, prompt_tokens: int, new_tokens: int) -> None:
-    """Build the model and generate a little, then print this process's peak resident memory (VmHWM)."""
+def write_checkpoint(shape: str, dtype: str, folder: Path) -> None:
+    """A random checkpoint of ``shape`` stored in ``dtype``, as Phi checkpoints ship (model.safetensors)."""
     config = replace(SHAPES[shape], max_position_embeddings=max(SHAPES[shape].max_position_embeddings, 2048))
-    model = random_model(config, dtype, "cpu")
+    state = {name: tensor.to(FLOAT_DTYPES[dtype]) for name, tensor in random_state(config)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+
+
+def peak_memory_child(folder: Path, dtype: str, prompt_tokens: int, new_tokens: int) -> None:
+    """Load the checkpoint as a user would and generate a little, then print this process's peak resident memory
+    (VmHWM: the weights as held, the transient copies of loading, file pages mapped while reading)."""
+    model = phi_core.load_model(folder, dtype=dtype)
     prompts = torch.randint(0, 50000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).tolist()
     ours(model, prompts, new_tokens)
     status = Path("/proc/self/status").read_text().splitlines()
@@ -114,48 +128,52 @@ def peak_memory_child(shape: str, dtype: str, prompt_tokens: int, new_tokens: in
 
 def memory_report(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for dtype in args.dtype or DTYPES:
-        command = [sys.executable, __file__, "--shape", args.shape, "--child", dtype]
-        command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{dtype}: peak {rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "checkpoint"
+        write_checkpoint(args.shape, args.checkpoint_dtype, folder)
+        for dtype in args.dtype or DTYPES:
+            command = [sys.executable, __file__, "--child-folder", str(folder), "--child", dtype]
+            command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{dtype}: peak {rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     base = next((r["peak_rss_bytes"] for r in rows if r["dtype"] == "float32"), None)
     for row in rows:
+        row["checkpoint_dtype"] = args.checkpoint_dtype
         row["ratio_to_float32"] = round(row["peak_rss_bytes"] / base, 3) if base else None
     return rows
 
 
 def speed_report(args: argparse.Namespace) -> list[dict]:
+    """Every contender in turn within each round, so a slow minute of a shared machine hits all of them alike;
+    ratios against the first contender (transformers float32 unless --no-transformers) are medians of the
+    per-round ratios."""
     config = replace(SHAPES[args.shape], max_position_embeddings=max(SHAPES[args.shape].max_position_embeddings, 2048))
     bandwidth = gemv_bandwidth()
     batches = args.batch or [1, 8]
-    prompts = {
-        b: torch.randint(0, 50000, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b)).tolist()
-        for b in batches
-    }
-    results = []
+    contenders = []  # (implementation, dtype, runner, weight bytes per step)
     if not args.no_transformers:
         for dtype in args.transformers_dtype or ["float32"]:
-            state = {name: t.to(FLOAT_DTYPES[dtype]) for name, t in random_state(config)}
-            twin = transformers_twin(config, "sdpa", state)
-            del state
-            for batch in batches:
-                run = functools.partial(theirs, twin)
-                results.append(
-                    measure("transformers", dtype, run, prompts[batch], args, weight_bytes_per_step(twin), bandwidth)
-                )
-                print(json.dumps(results[-1]), flush=True)
-            del twin
+            twin = transformers_twin(config, "sdpa", {n: t.to(FLOAT_DTYPES[dtype]) for n, t in random_state(config)})
+            contenders.append(("transformers", dtype, functools.partial(theirs, twin), weight_bytes_per_step(twin)))
     for dtype in args.dtype or ["float32"]:
         model = random_model(config, dtype, "cpu")
-        for batch in batches:
-            run = functools.partial(ours, model)
-            results.append(
-                measure("phi_core", dtype, run, prompts[batch], args, weight_bytes_per_step(model), bandwidth)
-            )
-            print(json.dumps(results[-1]), flush=True)
-        del model
+        contenders.append(("phi_core", dtype, functools.partial(ours, model), weight_bytes_per_step(model)))
+    results = []
+    for batch in batches:
+        prompts = torch.randint(0, 50000, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
+        prompts = prompts.tolist()
+        for _, _, runner, _ in contenders:
+            runner(prompts, 4)  # warm-up
+        rounds = [[runner(prompts, args.new_tokens) for _, _, runner, _ in contenders] for _ in range(args.repeats)]
+        for i, (name, dtype, _, step_bytes) in enumerate(contenders):
+            row = summary(name, dtype, [r[i] for r in rounds], batch, step_bytes, bandwidth)
+            first = contenders[0]
+            row["versus"] = f"{first[0]} {first[1]}"
+            row["decode_ratio"] = round(statistics.median(r[i][1] / r[0][1] for r in rounds), 3)
+            row["prefill_ratio"] = round(statistics.median(r[0][0] / r[i][0] for r in rounds), 3)
+            results.append(row)
+            print(json.dumps(row), flush=True)
     return results
 
 
@@ -171,13 +189,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory", action="store_true", help="peak resident memory per dtype instead of speed")
+    parser.add_argument(
+        "--checkpoint-dtype", default="float16", choices=list(FLOAT_DTYPES), help="--memory: dtype on disk [float16]"
+    )
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
+    parser.add_argument("--child-folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        peak_memory_child(args.shape, args.child, args.prompt_tokens, args.new_tokens)
+        peak_memory_child(args.child_folder, args.child, args.prompt_tokens, args.new_tokens)
         return
     results = memory_report(args) if args.memory else speed_report(args)
     report = {

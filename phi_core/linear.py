@@ -17,7 +17,11 @@ Three formats (``WEIGHT_FORMATS``):
 - ``int8``: fbgemm's packed int8 weight with one symmetric scale per output row, multiplied after quantizing the
   activations of each call to 8 bits (dynamic quantization): a quarter of the bytes, 4x float32 for one row.
 
-The packed formats exist only on CPUs (fbgemm); elsewhere every weight is dense in the compute dtype.
+The packed formats exist only on CPUs (fbgemm); elsewhere every weight is dense in the compute dtype. fbgemm
+packs from a float32 matrix, so a large matrix is packed in blocks of output rows (``PACK_BLOCK_ELEMENTS``), each
+its own product: loading then needs one block's float32 copy at a time, not the whole matrix's (the phi-1.5
+vocabulary head alone is 420 MB in float32), and only matrices over the block size, such as that head, pay one
+extra call per block.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ _SHORT_ROW_MAX = 512
 # ... and so does any matrix this small (4 MB in float32).
 _SMALL_MATRIX = 1 << 20
 _FLOAT16_MAX = 65504.0
+# Largest block packed at once: 64 MB in float32, so no phi-1.5 layer matrix is split.
+PACK_BLOCK_ELEMENTS = 1 << 24
 
 
 class DirectCall:
@@ -61,7 +67,7 @@ class PhiLinear(DirectCall, nn.Linear):
     ``bias`` are gone and the layer holds only the packed weight (inference only).
     """
 
-    packed: Any = None
+    packed: tuple[Any, ...] | None = None  # fbgemm packed blocks of consecutive output rows
     weight_format: WeightFormat = "dense"
     # (in, out) copy of the weight and a zero-or-real bias, for one-row products where that layout is faster.
     one_row: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -72,13 +78,17 @@ class PhiLinear(DirectCall, nn.Linear):
             if one_row is not None and x.numel() == self.in_features:
                 return torch.addmm(one_row[1], x.reshape(1, -1), one_row[0]).view(*x.shape[:-1], self.out_features)
             return dense_product(x, self.weight, self.bias)
-        lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if self.weight_format == "float16":
-            out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        if len(self.packed) == 1:
+            out = self._packed_product(flat, self.packed[0])
         else:
-            out = torch.ops.quantized.linear_dynamic(flat, self.packed, True)  # reduce_range: AVX2 needs 7 bits
-        return out.reshape(*lead, self.out_features)
+            out = torch.cat([self._packed_product(flat, block) for block in self.packed], dim=-1)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _packed_product(self, flat: torch.Tensor, block: Any) -> torch.Tensor:
+        if self.weight_format == "float16":
+            return torch.ops.quantized.linear_dynamic_fp16(flat, block)
+        return torch.ops.quantized.linear_dynamic(flat, block, True)  # reduce_range: AVX2 needs 7 bits
 
     def pack(self, weight_format: WeightFormat, round_to: torch.dtype | None = None) -> None:
         """Replace the dense weight with ``weight_format`` (``float16`` or ``int8``); CPU only.
@@ -92,17 +102,25 @@ class PhiLinear(DirectCall, nn.Linear):
                 bias = self.bias.detach() if self.bias is not None else weight.new_zeros(self.out_features)
                 self.one_row = (weight.t().contiguous(), bias)
             return
-        weight = self.weight.detach().float().contiguous()
-        if round_to is not None:
-            weight = weight.to(round_to).float()
-        bias = None if self.bias is None else self.bias.detach().float()
+        weight = self.weight.detach()
         if weight_format == "float16":
             largest = float(weight.abs().max())
             if largest > _FLOAT16_MAX:
                 raise PhiError(f"a weight of {largest:g} does not fit in 16 bits here; use --dtype float32")
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-        else:
-            self.packed = torch.ops.quantized.linear_prepack(quantize_rows(weight), bias)
+        rows = max(1, PACK_BLOCK_ELEMENTS // self.in_features)
+        blocks = []
+        for start in range(0, self.out_features, rows):
+            part = weight[start : start + rows]
+            if round_to is not None and part.dtype != round_to:
+                part = part.to(round_to)
+            part = part.float().contiguous()
+            bias = None if self.bias is None else self.bias.detach()[start : start + rows].float().contiguous()
+            if weight_format == "float16":
+                blocks.append(torch.ops.quantized.linear_prepack_fp16(part, bias))
+            else:
+                blocks.append(torch.ops.quantized.linear_prepack(quantize_rows(part), bias))
+            del part
+        self.packed = tuple(blocks)
         self.weight_format = weight_format
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)

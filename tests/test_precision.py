@@ -163,3 +163,17 @@ def test_cli_reports_the_precision(lm_checkpoint):
     assert "auto: float32 weights and compute" in result.stderr
     result = runner.invoke(app, [*args, "--dtype", "float8"])
     assert result.exit_code == 2 and "float8" in result.stderr
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_matrices_packed_in_blocks_compute_the_same(make_checkpoint, monkeypatch, dtype):
+    _, folder = make_checkpoint()
+    whole = phi_core.load_model(folder, dtype=dtype)
+    monkeypatch.setattr(phi_core.linear, "PACK_BLOCK_ELEMENTS", 64 * 50)  # 50 output rows a block
+    blocked = phi_core.load_model(folder, dtype=dtype)
+    assert len(whole.lm_head.packed) == 1 and len(blocked.lm_head.packed) == 7  # 320 rows
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(blocked(ids).logits, whole(ids).logits, atol=1e-5)
+    one_row = ids[:1, :1]
+    assert torch.allclose(blocked(one_row).logits, whole(one_row).logits, atol=1e-5)
