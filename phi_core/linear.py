@@ -11,9 +11,12 @@ Three formats (``WEIGHT_FORMATS``):
   ms). That is 29 MB more for the embedded model and nothing for the real Phi shapes, whose matrices are all
   larger. ``python benchmarks/linear_layout.py`` repeats these measurements.
 - ``float16``: fbgemm's packed half-precision weight (half the bytes), multiplied with float32 activations by
-  fbgemm's AVX2 kernel, which converts tiles on the fly. Against dense float32 on the same machine: 2.0x faster
-  for one row, 1.3x for eight, 1.2-1.3x slower for 128-512 rows (prefill). torch's own bfloat16 and float16
-  GEMVs were slower (1.3x and 1.6x float32 for one row, and 2.5-3x slower than float32 for eight rows).
+  fbgemm's AVX2 kernel, which converts tiles on the fly. Against dense float32 on the same machine (phi-1.5's
+  8192 x 2048, 2048 x 8192 and 6144 x 2048): 1.9-2.9x faster for one row, 2.5-2.9x for eight, 1.2-1.9x for 128,
+  1.0-1.3x for 512 (an earlier, noisier run had 128-512 rows 1.2-1.3x slower; end to end, a 512-token prefill
+  takes 0.67x float32's time). torch's own bfloat16 and float16 GEMVs were slower (1.3x and 1.6x float32 for
+  one row, and 2.5-3x slower than float32 for eight rows), and upcasting bfloat16 weights per product cost
+  1.1-2.1x float32's time at 128-512 rows.
 - ``int8``: fbgemm's packed int8 weight with one symmetric scale per output row, multiplied after quantizing the
   activations of each call to 8 bits (dynamic quantization): a quarter of the bytes, 4x float32 for one row.
 
