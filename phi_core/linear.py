@@ -3,9 +3,10 @@
 Three formats (``WEIGHT_FORMATS``):
 
 - ``dense``: an ordinary ``(out, in)`` tensor in the model's compute dtype. On a CPU in float32, products of two
-  or more rows run as ``W @ x^T``, which torch hands to a faster GEMM path than ``x @ W^T`` (measured on a 2-core
-  AMD EPYC, torch 2.13: 2048 x 8192 times 8 rows 7.4 ms against 21-29 ms; times 512 rows 252 ms against 275-290
-  ms). One row goes to torch's GEMV, except for small matrices and for wide ones with short rows (a vocabulary
+  or more rows run as ``W @ x^T`` where torch hands that to a faster GEMM path than ``x @ W^T``: for rows of 1024
+  inputs or more at any row count, and for shorter rows only up to 32 rows (measured on a 2-core AMD EPYC, torch
+  2.13: 2048 x 8192 times 8 rows 7.4 ms against 21-29 ms, 1.5x at 128 rows, 1.1x at 512; but 384 x 128 times
+  1024 rows 2.6 ms against 0.57 ms, and 51200 x 128 times 512 rows 0.44x). One row goes to torch's GEMV, except for small matrices and for wide ones with short rows (a vocabulary
   head over a small hidden size), where ``x @ W^T`` over ``(out, in)`` runs at half speed: those keep a second,
   ``(in, out)`` copy for one-row products (128 x 384: 15.8 us against 30.0 us; 51200 x 128: 1.6 ms against 3.4
   ms). That is 29 MB more for the embedded model and nothing for the real Phi shapes, whose matrices are all
@@ -44,6 +45,9 @@ WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("dense", "float16", "int8")
 # A matrix this many times wider than its rows are long, with rows this short, keeps an (in, out) copy.
 _SHORT_ROW_RATIO = 16
 _SHORT_ROW_MAX = 512
+# Products of more rows than this with rows shorter than _LONG_ROW are faster as x @ W^T.
+_SHORT_ROW_GEMM_ROWS = 32
+_LONG_ROW = 1024
 # ... and so does any matrix this small (4 MB in float32).
 _SMALL_MATRIX = 1 << 20
 _FLOAT16_MAX = 65504.0
@@ -144,7 +148,7 @@ def dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    if rows == 1:
+    if rows == 1 or (rows > _SHORT_ROW_GEMM_ROWS and in_features < _LONG_ROW):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, in_features)
     out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
