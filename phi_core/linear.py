@@ -6,11 +6,12 @@ Three formats (``WEIGHT_FORMATS``):
   or more rows run as ``W @ x^T`` where torch hands that to a faster GEMM path than ``x @ W^T``: for rows of 1024
   inputs or more at any row count, and for shorter rows only up to 32 rows (measured on a 2-core AMD EPYC, torch
   2.13: 2048 x 8192 times 8 rows 7.4 ms against 21-29 ms, 1.5x at 128 rows, 1.1x at 512; but 384 x 128 times
-  1024 rows 2.6 ms against 0.57 ms, and 51200 x 128 times 512 rows 0.44x). One row goes to torch's GEMV, except for small matrices and for wide ones with short rows (a vocabulary
-  head over a small hidden size), where ``x @ W^T`` over ``(out, in)`` runs at half speed: those keep a second,
-  ``(in, out)`` copy for one-row products (128 x 384: 15.8 us against 30.0 us; 51200 x 128: 1.6 ms against 3.4
-  ms). That is 29 MB more for the embedded model and nothing for the real Phi shapes, whose matrices are all
-  larger. ``python benchmarks/linear_layout.py`` repeats these measurements.
+  1024 rows 2.6 ms against 0.57 ms, and 51200 x 128 times 512 rows 0.44x). One row goes to torch's GEMV, except
+  for small matrices and for wide ones with short rows (a vocabulary head over a small hidden size), where
+  ``x @ W^T`` over ``(out, in)`` runs at half speed: those keep a second, ``(in, out)`` copy for one-row products
+  (128 x 384: 15.8 us against 30.0 us; 51200 x 128: 1.6 ms against 3.4 ms). That is 29 MB more for the embedded
+  model and nothing for the real Phi shapes, whose matrices are all larger. ``python
+  benchmarks/linear_layout.py`` repeats these measurements.
 - ``float16``: fbgemm's packed half-precision weight (half the bytes), multiplied with float32 activations by
   fbgemm's AVX2 kernel, which converts tiles on the fly. Against dense float32 on the same machine (phi-1.5's
   8192 x 2048, 2048 x 8192 and 6144 x 2048): 1.9-2.9x faster for one row, 2.5-2.9x for eight, 1.2-1.9x for 128,
