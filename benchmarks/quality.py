@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import phi_core
+import phi_core.linear
 from phi_core.generation import GenerationParams, generate
 
 PROMPTS = [
@@ -102,6 +103,8 @@ def compare(args: argparse.Namespace) -> dict:
         del model
     return {
         "model": args.model,
+        "window": window,
+        "pack_all": args.pack_all,
         "text": str(args.text),
         "text_tokens": len(ids),
         "prompts": len(prompts),
@@ -121,8 +124,16 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "int8"])
+    parser.add_argument(
+        "--pack-all",
+        action="store_true",
+        help="pack and quantize small matrices too, as every matrix of a real Phi shape is (the embedded model's "
+        "layer matrices are small enough that phi_core keeps them float32)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.pack_all:
+        phi_core.linear.SMALL_MATRIX = 0
     args.dtype = args.dtype or ["bfloat16", "float16", "int8"]
     report = compare(args)
     print(json.dumps(report, indent=2))

@@ -49,8 +49,10 @@ _SHORT_ROW_MAX = 512
 # Products of more rows than this with rows shorter than _LONG_ROW are faster as x @ W^T.
 _SHORT_ROW_GEMM_ROWS = 32
 _LONG_ROW = 1024
-# ... and so does any matrix this small (4 MB in float32).
-_SMALL_MATRIX = 1 << 20
+# ... and so does any matrix this small (4 MB in float32), which also stays dense float32 when the other weights
+# are packed: a packed product's fixed cost is more than such a matrix saves in bytes (384 x 128, one row: 32 us
+# packed, 7 us dense float32).
+SMALL_MATRIX = 1 << 20
 _FLOAT16_MAX = 65504.0
 # Largest block packed at once: 64 MB in float32, so no phi-1.5 layer matrix is split.
 PACK_BLOCK_ELEMENTS = 1 << 24
@@ -103,7 +105,15 @@ class PhiLinear(DirectCall, nn.Linear):
 
         ``round_to`` rounds the weights to that dtype first (``bfloat16``: the values a bf16 model has; every
         bfloat16 value from 2**-17 up to 65504 is exactly a float16 value, smaller ones move by at most 3e-8).
+        A matrix of at most ``SMALL_MATRIX`` weights is not packed: it becomes dense float32 holding the same
+        (rounded) values, and an int8 request leaves it unquantized.
         """
+        if weight_format != "dense" and self.weight.numel() <= SMALL_MATRIX:
+            weight = self.weight.detach()
+            if round_to is not None:
+                weight = weight.to(round_to)
+            self.weight = nn.Parameter(weight.float(), requires_grad=False)
+            weight_format = "dense"
         if weight_format == "dense":
             if _one_row_copy_pays(self.weight):
                 weight = self.weight.detach()
@@ -163,7 +173,7 @@ def _one_row_copy_pays(weight: torch.Tensor) -> bool:
         return False
     out_features, in_features = weight.shape
     short_rows = in_features <= _SHORT_ROW_MAX and out_features >= _SHORT_ROW_RATIO * in_features
-    return short_rows or weight.numel() <= _SMALL_MATRIX
+    return short_rows or weight.numel() <= SMALL_MATRIX
 
 
 def quantize_rows(weight: torch.Tensor) -> torch.Tensor:

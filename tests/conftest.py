@@ -136,3 +136,11 @@ def tagger_checkpoint(tmp_path_factory) -> Path:
         id2label=labels,
         label2id={v: k for k, v in labels.items()},
     )
+
+
+@pytest.fixture
+def pack_small_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pack every matrix of the tiny test models (phi_core keeps matrices this small dense float32)."""
+    import phi_core.linear
+
+    monkeypatch.setattr(phi_core.linear, "SMALL_MATRIX", 0)

@@ -116,7 +116,7 @@ def test_generate_mode_counts_new_tokens(lm_checkpoint):
 
 
 @pytest.mark.skipif(not packed_formats_available(), reason="this torch build has no fbgemm")
-def test_generate_mode_compares_dtypes_with_transformers(lm_checkpoint):
+def test_generate_mode_compares_dtypes_with_transformers(lm_checkpoint, pack_small_matrices):
     result = CliRunner().invoke(
         app,
         [

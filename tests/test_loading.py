@@ -33,7 +33,7 @@ def test_sharded_safetensors_and_bin_load_the_same_weights(make_checkpoint, tmp_
     assert torch.allclose(logits(phi_core.load_model(pickled)), expected, atol=1e-6)
 
 
-def test_bfloat16_on_cpu_packs_the_matrices_and_computes_in_float32(make_checkpoint):
+def test_bfloat16_on_cpu_packs_the_matrices_and_computes_in_float32(make_checkpoint, pack_small_matrices):
     _, folder = make_checkpoint()
     model = phi_core.load_model(folder, dtype="bfloat16")
     assert model.precision.weights == "bfloat16" and model.compute_dtype == torch.float32

@@ -24,6 +24,11 @@ needs_fbgemm = pytest.mark.skipif(not packed_formats_available(), reason="this t
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def _pack_everything(pack_small_matrices: None) -> None:
+    """The packed paths are what these tests check: the tiny test models' matrices are packed too."""
+
+
 @needs_fbgemm
 @pytest.mark.parametrize(
     ("requested", "checkpoint", "weights", "weight_format"),
@@ -177,3 +182,16 @@ def test_matrices_packed_in_blocks_compute_the_same(make_checkpoint, monkeypatch
     assert torch.allclose(blocked(ids).logits, whole(ids).logits, atol=1e-5)
     one_row = ids[:1, :1]
     assert torch.allclose(blocked(one_row).logits, whole(one_row).logits, atol=1e-5)
+
+
+@needs_fbgemm
+def test_small_matrices_stay_dense_float32_with_the_rounded_values(make_checkpoint, monkeypatch):
+    reference, folder = make_checkpoint()
+    monkeypatch.setattr(phi_core.linear, "SMALL_MATRIX", 64 * 128)  # fc1 and fc2 (8192 weights) stay dense
+    model = phi_core.load_model(folder, dtype="bfloat16")
+    fc1 = model.model.layers[0].mlp.fc1
+    assert fc1.packed is None and fc1.weight.dtype == F32 and fc1.stored_bytes() == 4 * 64 * 128
+    assert torch.equal(fc1.weight, reference.model.layers[0].mlp.fc1.weight.detach().to(BF16).float())
+    assert model.lm_head.packed is not None  # 320 x 64 = 20480 weights
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert (model(ids).logits - _reference_logits(reference, ids, BF16)).abs().max() <= 1e-4
