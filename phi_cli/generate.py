@@ -99,7 +99,7 @@ def generate_command(
             finished.append(item)
             advance()
             if as_json:
-                write_json_line(_result_record(records[item.index], item, lm.precision.name))
+                write_json_line(_result_record(records[item.index], item, lm.precision.weights))
     if not as_json:
         _write("\n")
     if stats:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from phi_core.errors import BackendUnavailableError
+from phi_core.precision import dtype_name
 
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
 
@@ -63,7 +64,7 @@ def check_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> 
     if torch.device(device).type != "cuda":
         raise BackendUnavailableError(f"flash_attention_2 needs a CUDA device, not {torch.device(device).type}")
     if dtype not in (torch.float16, torch.bfloat16):
-        raise BackendUnavailableError(f"flash_attention_2 runs in float16 or bfloat16, not {_dtype_name(dtype)}")
+        raise BackendUnavailableError(f"flash_attention_2 runs in float16 or bfloat16, not {dtype_name(dtype)}")
     if importlib.util.find_spec("flash_attn") is None:
         raise BackendUnavailableError(
             "flash_attention_2 needs the flash-attn package: pip install 'phi-toolkit[flash]'"
@@ -139,7 +140,3 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     batch, heads, new, dim = x.shape
     return x.transpose(1, 2).reshape(batch, new, heads * dim)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -189,7 +189,7 @@ def random_model(config: PhiConfig, dtype: str | torch.dtype, device: str, seed:
         model = PhiForCausalLM(config)
     dtypes = storage_dtypes(model, precision, torch.float32)
     state = {name: tensor.to(device=device, dtype=dtypes[name]) for name, tensor in random_state(config, seed)}
-    place_weights(model, state, precision, device)
+    place_weights(model, state, precision, device, torch.float32)
     return model.eval().requires_grad_(False)
 
 
@@ -368,7 +368,7 @@ def run_benchmark(settings: BenchSettings, on_step: Callable[[str], None] | None
             ).to(settings.device)
             for backend, reason in backends:
                 if on_step:
-                    on_step(f"phi_core {model.precision.name} {backend} batch {batch}")
+                    on_step(f"phi_core {model.precision.weights} {backend} batch {batch}")
                 rows.append(_measure_ours(model, backend, reason, ids, settings))
                 if with_twin and reason is None and backend != "flash_attention_2":
                     if on_step:
@@ -402,7 +402,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 def _measure_ours(
     model: PhiForCausalLM, backend: str, reason: str | None, ids: torch.Tensor, settings: BenchSettings
 ) -> Row:
-    row = Row("phi_core", backend, ids.shape[0], model.precision.name, skipped=reason)
+    row = Row("phi_core", backend, ids.shape[0], model.precision.weights, skipped=reason)
     if reason is not None:
         return row
     model.set_attention_backend(backend)

@@ -43,12 +43,12 @@ from phi_core.errors import PhiError
 WeightFormat = Literal["dense", "float16", "int8"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("dense", "float16", "int8")
 
-# A matrix this many times wider than its rows are long, with rows this short, keeps an (in, out) copy.
-_SHORT_ROW_RATIO = 16
-_SHORT_ROW_MAX = 512
 # Products of more rows than this with rows shorter than _LONG_ROW are faster as x @ W^T.
 _SHORT_ROW_GEMM_ROWS = 32
 _LONG_ROW = 1024
+# A matrix this many times wider than its rows are long, with rows this short, keeps an (in, out) copy...
+_SHORT_ROW_RATIO = 16
+_SHORT_ROW_MAX = 512
 # ... and so does any matrix this small (4 MB in float32), which also stays dense float32 when the other weights
 # are packed: a packed product's fixed cost is more than such a matrix saves in bytes (384 x 128, one row: 32 us
 # packed, 7 us dense float32).
@@ -73,8 +73,8 @@ class DirectCall:
 class PhiLinear(DirectCall, nn.Linear):
     """``nn.Linear`` whose product uses the fastest measured kernel for its weight format and row count.
 
-    Parameter names and shapes are nn.Linear's, so checkpoints load unchanged. After :meth:`pack`, ``weight`` and
-    ``bias`` are gone and the layer holds only the packed weight (inference only).
+    Parameter names and shapes are nn.Linear's, so checkpoints load unchanged. Once :meth:`pack` has packed it,
+    ``weight`` and ``bias`` are gone and the layer holds only the packed blocks (inference only).
     """
 
     packed: tuple[Any, ...] | None = None  # fbgemm packed blocks of consecutive output rows

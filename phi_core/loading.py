@@ -42,12 +42,13 @@ def load_model(
     folder = resolve_source(source, revision, weights=True)
     config = PhiConfig.from_json_file(folder / "config.json")
     state = to_current_layout(read_state_dict(folder), config, task, folder)
-    precision = choose_precision(dtype, device, checkpoint_dtype(state.values()))
+    source_dtype = checkpoint_dtype(state.values())
+    precision = choose_precision(dtype, device, source_dtype)
     check_backend(attn, device, precision.compute)
     with torch.device("meta"):
         model = TASK_MODELS[task](config)
     _check_names(model, state, folder)
-    place_weights(model, state, precision, device)
+    place_weights(model, state, precision, device, source_dtype)
     model.set_attention_backend(attn)
     return model.eval().requires_grad_(False)
 
@@ -58,14 +59,19 @@ def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) 
 
 
 def place_weights(
-    model: PhiPreTrained, state: dict[str, torch.Tensor], precision: Precision, device: torch.device | str
+    model: PhiPreTrained,
+    state: dict[str, torch.Tensor],
+    precision: Precision,
+    device: torch.device | str,
+    source_dtype: torch.dtype,
 ) -> None:
-    """Assign ``state`` into a model built on the meta device, each tensor in its storage dtype, then pack.
+    """Assign ``state`` (read as ``source_dtype``) into a model built on the meta device, each tensor in its
+    storage dtype, then pack.
 
     ``state`` is emptied on the way, so an original, its cast copy and its packed form exist for one tensor at a
     time, not for the whole model (16-bit weights then peak near half of float32's memory).
     """
-    dtypes = storage_dtypes(model, precision, checkpoint_dtype(state.values()))
+    dtypes = storage_dtypes(model, precision, source_dtype)
     tied = model.config.tie_word_embeddings and hasattr(model, "lm_head")
     cast = {name: state.pop(name).to(device=device, dtype=dtypes[name]) for name in list(state)}
     model.load_state_dict(cast, strict=not tied, assign=True)

@@ -31,13 +31,9 @@ class Precision:
     weight_format: WeightFormat
     embedding: torch.dtype
 
-    @property
-    def name(self) -> str:
-        return self.weights
-
     def describe(self) -> str:
-        """One line for ``--stats`` and ``--json``: what was picked, and how it runs."""
-        compute = _name(self.compute)
+        """One line for ``--stats``: what was picked, and how it runs."""
+        compute = dtype_name(self.compute)
         if self.weight_format == "dense":
             text = f"{self.weights} weights and compute"
         elif self.weight_format == "float16":
@@ -62,7 +58,7 @@ class Precision:
 
 def dense(dtype: torch.dtype, requested: str | None = None) -> Precision:
     """Weights and compute both in ``dtype`` (float32 on CPU by default; any dtype on a GPU)."""
-    name = _name(dtype)
+    name = dtype_name(dtype)
     return Precision(requested or name, dtype, name, "dense", dtype)
 
 
@@ -75,14 +71,14 @@ def choose_precision(
     a 16-bit checkpoint on a CPU gets 16-bit packed weights with float32 compute, a float32 one stays float32.
     """
     if isinstance(requested, torch.dtype):
-        requested = _name(requested)
+        requested = dtype_name(requested)
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {requested!r} (choose one of {', '.join(DTYPE_CHOICES)})")
     on_cpu = torch.device(device).type == "cpu"
     packable = on_cpu and packed_formats_available()
     wanted = requested
     if requested == "auto":
-        wanted = _name(checkpoint_dtype) if checkpoint_dtype in FLOAT_DTYPES.values() else "float32"
+        wanted = dtype_name(checkpoint_dtype) if checkpoint_dtype in FLOAT_DTYPES.values() else "float32"
     if wanted == "int8":
         if not packable:
             raise PhiError("--dtype int8 runs on a CPU with fbgemm only (use float16 or bfloat16 on a GPU)")
@@ -99,5 +95,6 @@ def checkpoint_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")

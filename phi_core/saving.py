@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from phi_core.config import PhiConfig
 from phi_core.errors import PhiError
 from phi_core.model import PhiPreTrained
+from phi_core.precision import dtype_name
 
 ARCHITECTURES = {
     "causal-lm": "PhiForCausalLM",
@@ -106,4 +107,4 @@ def copy_tokenizer(source: Path, target: Path, names: tuple[str, ...] | None = N
 
 def with_dtype(config: PhiConfig, dtype: torch.dtype) -> PhiConfig:
     """``config`` recording ``dtype`` as the checkpoint's stored dtype."""
-    return replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    return replace(config, torch_dtype=dtype_name(dtype))
