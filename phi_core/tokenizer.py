@@ -51,13 +51,17 @@ class PhiTokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        """The raw bytes of ``ids``, so a caller can stream text without splitting a UTF-8 character."""
+        """The raw bytes of ``ids``, so a caller can stream text without splitting a UTF-8 character.
+
+        An id the tokenizer does not have decodes to nothing, as in :meth:`decode` and transformers: every released
+        Phi has more embedding rows (51,200) than tokenizer ids (about 50,295), so a model can pick one.
+        """
         vocab_bytes = _byte_decoder()
         out = bytearray()
         for token_id in ids:
             token = self.backend.id_to_token(token_id)
             if token is None:
-                raise ValueError(f"token id {token_id} is not in the vocabulary")
+                continue
             if token_id in self._added_ids:
                 out += token.encode("utf-8")
             else:
