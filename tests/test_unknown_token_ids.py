@@ -41,8 +41,7 @@ def test_the_fixture_picks_an_id_the_tokenizer_lacks(prefers_unknown_id):
 def test_unknown_ids_decode_to_nothing_like_transformers(prefers_unknown_id, tokenizer_dir):
     import transformers
 
-    reference, folder = prefers_unknown_id
-    tokenizer = phi_core.load_tokenizer(folder)
+    tokenizer = phi_core.load_tokenizer(prefers_unknown_id[1])
     ids = [tokenizer.encode("x =")[0], UNKNOWN_ID, 198]
     expected = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).decode(ids)
     assert tokenizer.decode(ids) == expected
