@@ -96,7 +96,8 @@ def _complete_batch(
         if not prompt.strip():
             raise PhiError(f"prompt {start + offset + 1} is empty")
         text = fmt.template.format(prompt=prompt)
-        encoded.append(fit_prompt(tokenizer.encode(text), params.max_new_tokens, context, truncate))
+        ids = tokenizer.encode(text)
+        encoded.append(fit_prompt(ids, params.new_token_limit(len(ids)), context, truncate))
     timing = Timing()
     tokens: list[list[int]] = [[] for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]

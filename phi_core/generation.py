@@ -166,12 +166,24 @@ class GenerationParams:
     ignore_eos: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: bool = True
+    # transformers' max_length: prompt and new tokens together, per row (at least one new token is generated).
+    max_length: int | None = None
+    # Ids that end a row (a chat fine-tune may end turns on its own token); None: the tokenizer's end of text.
+    eos_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+    def new_token_limit(self, prompt_tokens: int) -> int:
+        """How many tokens a row with ``prompt_tokens`` may generate."""
+        if self.max_length is None:
+            return self.max_new_tokens
+        return max(1, min(self.max_new_tokens, self.max_length - prompt_tokens))
 
 
 @dataclass(frozen=True)
@@ -223,14 +235,15 @@ def generate(
     if tokenizer is None and params.stop:
         raise ValueError("stop strings need a tokenizer")
     timing = timing if timing is not None else Timing()
-    batch = _Batch.start(model, prompts, params.max_new_tokens)
+    limits = [params.new_token_limit(len(prompt)) for prompt in prompts]
+    batch = _Batch.start(model, prompts, max(limits))
     generator = torch.Generator(device="cpu")
     if params.sampling.seed is not None:
         generator.manual_seed(params.sampling.seed)
     else:
         generator.seed()
     streams = [TextStream(tokenizer, params.stop) if tokenizer else _SilentStream() for _ in prompts]
-    eos = tokenizer.eos_token_id if tokenizer else model.config.eos_token_id
+    eos = _end_ids(params, tokenizer, model)
     counts = [0] * len(prompts)
     started = time.perf_counter()
     logits = batch.prefill(model)
@@ -249,7 +262,7 @@ def generate(
         finished = []
         for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs, strict=True)):
             counts[row] += 1
-            reason, text = _advance(streams[row], token, eos, params, counts[row])
+            reason, text = _advance(streams[row], token, eos, params.ignore_eos, limits[row] - counts[row])
             if reason is not None:
                 finished.append(slot)
             yield TokenEvent(row, token, logprob, text, reason)
@@ -271,16 +284,24 @@ class _SilentStream:
         return ""
 
 
+def _end_ids(params: GenerationParams, tokenizer: PhiTokenizer | None, model: PhiForCausalLM) -> frozenset[int]:
+    if params.eos_token_ids is not None:
+        return frozenset(params.eos_token_ids)
+    eos = tokenizer.eos_token_id if tokenizer else model.config.eos_token_id
+    return frozenset() if eos is None else frozenset({eos})
+
+
 def _advance(
-    stream: TextStream | _SilentStream, token: int, eos: int | None, params: GenerationParams, count: int
+    stream: TextStream | _SilentStream, token: int, eos: frozenset[int], ignore_eos: bool, left: int
 ) -> tuple[FinishReason | None, str]:
-    """Feed one token to its row's text stream; return (finish reason or None, text to show)."""
-    if token == eos and not params.ignore_eos:
+    """Feed one token to its row's text stream (``left`` more tokens allowed after it); return (finish reason or
+    None, text to show)."""
+    if token in eos and not ignore_eos:
         return "eos", stream.finish()
     text, stopped = stream.push(token)
     if stopped:
         return "stop", text
-    if count >= params.max_new_tokens:
+    if left <= 0:
         return "length", text + stream.finish()
     return None, text
 
