@@ -34,10 +34,6 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys[0].shape[2]
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new (batch, kv_heads, new, head_dim) keys/values after ``length``; return all stored so far."""
         new = keys.shape[2]

@@ -14,7 +14,7 @@ from phi_core.checkpoint import read_state_dict, resolve_source
 from phi_core.config import PhiConfig
 from phi_core.convert import HEADS, head_of, to_current_layout
 from phi_core.errors import CheckpointError
-from phi_core.linear import PhiLinear, pack_linears
+from phi_core.linear import PhiLinear
 from phi_core.model import TASK_MODELS, PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES, Precision, checkpoint_dtype, choose_precision
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder
@@ -78,10 +78,7 @@ def place_weights(
     del cast
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.precision = precision
-    for layer in model.model.layers:
-        layer.self_attn.fuse_projections()
-    pack_linears(model, precision.weight_format, precision.round_to())
+    model.prepare_for_inference(precision)
 
 
 def storage_dtypes(model: PhiPreTrained, precision: Precision, source: torch.dtype) -> dict[str, torch.dtype]:

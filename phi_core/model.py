@@ -17,8 +17,8 @@ from phi_core.attention import AttentionMask, attention_function, check_backend
 from phi_core.cache import KVCache
 from phi_core.config import PhiConfig
 from phi_core.errors import PhiError
-from phi_core.linear import DirectCall, PhiLinear
-from phi_core.precision import Precision, dense
+from phi_core.linear import DirectCall, PhiLinear, pack_linears
+from phi_core.precision import Precision, unpacked
 from phi_core.rotary import Rotation, apply_rotary, rotary_angles
 
 
@@ -103,23 +103,20 @@ class PhiAttention(DirectCall, nn.Module):
         """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim)."""
         batch, new, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None and not self.qk_layernorm:
-            # Queries and keys sit side by side in the fused product: one rotation covers both.
-            out = self.qkv_proj(x)
-            qk = apply_rotary(out[..., : (heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim), rotary)
-            return (
-                qk[:, :, :heads],
-                qk[:, :, heads:],
-                out[..., (heads + kv_heads) * dim :].view(batch, new, kv_heads, dim),
-            )
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_proj is not None:
+            projected = self.qkv_proj(x)
         else:
-            q, k, v = self.qkv_proj(x).split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
-        q, k, v = q.view(batch, new, heads, dim), k.view(batch, new, kv_heads, dim), v.view(batch, new, kv_heads, dim)
+            projected = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        # Queries and keys sit side by side, heads + kv_heads head-sized slots: one rotation covers both.
+        qk = projected[..., : (heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim)
         if self.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        return apply_rotary(q, rotary), apply_rotary(k, rotary), v
+            qk = torch.cat((self.q_layernorm(qk[:, :, :heads]), self.k_layernorm(qk[:, :, heads:])), dim=2)
+        qk = apply_rotary(qk, rotary)
+        return (
+            qk[:, :, :heads],
+            qk[:, :, heads:],
+            projected[..., (heads + kv_heads) * dim :].view(batch, new, kv_heads, dim),
+        )
 
 
 class PhiMLP(DirectCall, nn.Module):
@@ -200,7 +197,7 @@ class PhiPreTrained(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhiModel(config)
-        self.precision: Precision = dense(torch.float32)
+        self.precision: Precision = unpacked(torch.float32)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -212,8 +209,17 @@ class PhiPreTrained(nn.Module):
         return self.model.final_layernorm.weight.device
 
     @property
-    def attention_backend(self) -> str:
-        return self.model.layers[0].self_attn.backend
+    def is_prepared(self) -> bool:
+        """Whether :meth:`prepare_for_inference` ran: the weights no longer have the checkpoint's names."""
+        return self.model.layers[0].self_attn.qkv_proj is not None
+
+    def prepare_for_inference(self, precision: Precision) -> None:
+        """The inference form: q/k/v fused into one product per layer, matrices packed in ``precision``'s weight
+        format. The state dict then no longer matches a checkpoint's names (``save_model`` refuses it)."""
+        self.precision = precision
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+        pack_linears(self, precision.weight_format, precision.round_to())
 
     def set_attention_backend(self, name: str) -> None:
         """Use backend ``name`` from now on; raises if it cannot run with this model's device and dtype."""

@@ -56,7 +56,7 @@ class Precision:
         return checkpoint_dtype if checkpoint_dtype != torch.float32 else torch.bfloat16
 
 
-def dense(dtype: torch.dtype, requested: str | None = None) -> Precision:
+def unpacked(dtype: torch.dtype, requested: str | None = None) -> Precision:
     """Weights and compute both in ``dtype`` (float32 on CPU by default; any dtype on a GPU)."""
     name = dtype_name(dtype)
     return Precision(requested or name, dtype, name, "dense", dtype)
@@ -85,7 +85,7 @@ def choose_precision(
         return Precision(requested, torch.float32, "int8", "int8", torch.float16)
     dtype = FLOAT_DTYPES[wanted]
     if dtype == torch.float32 or not packable:
-        return dense(dtype, requested)
+        return unpacked(dtype, requested)
     return Precision(requested, torch.float32, wanted, "float16", dtype)
 
 

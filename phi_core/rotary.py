@@ -14,11 +14,6 @@ import torch
 from phi_core.config import PhiConfig
 
 
-def inverse_frequencies(config: PhiConfig, seq_len: int, device: torch.device | str) -> torch.Tensor:
-    """The ``rotary_dim / 2`` inverse frequencies for a sequence of ``seq_len`` positions."""
-    return _head_tables(config.rotary_dim, config.head_dim, *_base_and_factor(config, seq_len), str(device))[3]
-
-
 def _base_and_factor(config: PhiConfig, seq_len: int) -> tuple[float, float]:
     base = config.rope_theta
     scaling = config.rope_scaling
@@ -33,8 +28,8 @@ def _base_and_factor(config: PhiConfig, seq_len: int) -> tuple[float, float]:
 @functools.lru_cache(maxsize=64)
 def _head_tables(
     rotary_dim: int, head_dim: int, base: float, linear_factor: float, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel of a head: frequency, sign of the sine term, rotate-half partner; and the inverse frequencies.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel of a head: frequency, sign of the sine term, rotate-half partner.
 
     Cached: a decode step would otherwise rebuild the same few numbers on every call.
     """
@@ -45,7 +40,7 @@ def _head_tables(
     frequencies = torch.cat((inv_freq, inv_freq, zeros))
     signs = torch.cat((-inv_freq.new_ones(half), inv_freq.new_ones(half), zeros))
     order = [*range(half, rotary_dim), *range(half), *range(rotary_dim, head_dim)]
-    return frequencies, signs, torch.tensor(order, device=device), inv_freq
+    return frequencies, signs, torch.tensor(order, device=device)
 
 
 class Rotation(NamedTuple):
@@ -68,9 +63,7 @@ def rotary_angles(config: PhiConfig, positions: torch.Tensor, seq_len: int) -> R
     ``seq_len`` is the length the sequence has reached (dynamic scaling depends on it).
     """
     base, linear = _base_and_factor(config, seq_len)
-    frequencies, signs, partner, _ = _head_tables(
-        config.rotary_dim, config.head_dim, base, linear, str(positions.device)
-    )
+    frequencies, signs, partner = _head_tables(config.rotary_dim, config.head_dim, base, linear, str(positions.device))
     # Channels that do not rotate have frequency 0: cos 1 and sin 0, so they pass through unchanged.
     angles = positions[:, :, None, None].float() * frequencies
     return Rotation(angles.cos(), angles.sin() * signs, partner)
