@@ -49,6 +49,12 @@ class KVCache:
         """Mark ``count`` more positions as written (called once per forward pass, after every layer)."""
         self.length += count
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a conversation rewinds to the prefix its next turn shares)."""
+        if not 0 <= length <= self.length:
+            raise PhiError(f"KV cache holds {self.length} positions; cannot rewind to {length}")
+        self.length = length
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (a 1-D index tensor), so finished sequences stop costing compute."""
         self.keys = [stored.index_select(0, rows) for stored in self.keys]

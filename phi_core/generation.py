@@ -9,6 +9,7 @@ it stops costing compute. Sampling is a chain of small pure functions that take 
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # nan passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -243,7 +247,7 @@ def generate(
     else:
         generator.seed()
     streams = [TextStream(tokenizer, params.stop) if tokenizer else _SilentStream() for _ in prompts]
-    eos = _end_ids(params, tokenizer, model)
+    eos = end_of_text_ids(params, tokenizer, model)
     counts = [0] * len(prompts)
     started = time.perf_counter()
     logits = batch.prefill(model)
@@ -262,7 +266,7 @@ def generate(
         finished = []
         for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs, strict=True)):
             counts[row] += 1
-            reason, text = _advance(streams[row], token, eos, params.ignore_eos, limits[row] - counts[row])
+            reason, text = advance_stream(streams[row], token, eos, params.ignore_eos, limits[row] - counts[row])
             if reason is not None:
                 finished.append(slot)
             yield TokenEvent(row, token, logprob, text, reason)
@@ -284,14 +288,15 @@ class _SilentStream:
         return ""
 
 
-def _end_ids(params: GenerationParams, tokenizer: PhiTokenizer | None, model: PhiForCausalLM) -> frozenset[int]:
+def end_of_text_ids(params: GenerationParams, tokenizer: PhiTokenizer | None, model: PhiForCausalLM) -> frozenset[int]:
+    """The ids that end a row: the parameters' own list, else the tokenizer's (or the config's) end of text."""
     if params.eos_token_ids is not None:
         return frozenset(params.eos_token_ids)
     eos = tokenizer.eos_token_id if tokenizer else model.config.eos_token_id
     return frozenset() if eos is None else frozenset({eos})
 
 
-def _advance(
+def advance_stream(
     stream: TextStream | _SilentStream, token: int, eos: frozenset[int], ignore_eos: bool, left: int
 ) -> tuple[FinishReason | None, str]:
     """Feed one token to its row's text stream (``left`` more tokens allowed after it); return (finish reason or
