@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,21 +13,36 @@ from rich.table import Table
 
 from phi_cli.errors import UsageProblem
 from phi_cli.io import stderr, stdout_console
-from phi_cli.options import DeviceOpt, QuietOpt
+from phi_cli.options import QuietOpt
 from phi_core.attention import ATTENTION_BACKENDS
-from phi_core.bench import BenchReport, BenchSettings, format_bytes, plot_chart, run_benchmark, write_csv, write_json
+from phi_core.bench import (
+    SHAPES,
+    BenchReport,
+    BenchSettings,
+    format_bytes,
+    plot_chart,
+    run_benchmark,
+    write_csv,
+    write_json,
+)
+from phi_core.errors import PhiError
 from phi_core.precision import DTYPE_CHOICES
 
 CPU_DEFAULT_LAYERS = 2  # the full 24-layer sweep takes hours on a small CPU
 # Generate mode on a CPU compares the weight formats by default: float16 runs the same kernel as bfloat16.
 CPU_GENERATE_DTYPES = ("float32", "bfloat16", "int8")
+# More threads than this only oversubscribes the cores; far more (100000) crashes torch's thread pool.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+OUTPUT_SUFFIXES = (".json", ".csv")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def bench_command(
     attn: Annotated[
         list[str] | None,
         typer.Option(
-            help="Backend to measure (repeatable) [default: every backend that can run here; eager is the baseline]."
+            help="Backend to measure (repeatable); eager is the baseline.",
+            show_default="every backend that can run here",
         ),
     ] = None,
     shape: Annotated[
@@ -44,14 +61,18 @@ def bench_command(
     dtype: Annotated[
         list[str] | None,
         typer.Option(
-            help="Weight dtype to measure (repeatable) [default: float32 on CPU, float16 on CUDA; in generate mode "
-            "on CPU: float32, bfloat16 and int8]."
+            help="Weight dtype to measure (repeatable).",
+            show_default="float32 on CPU, float16 on CUDA; in generate mode on CPU: float32, bfloat16 and int8",
         ),
     ] = None,
-    device: DeviceOpt = None,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:1 ... (the chart of docs/benchmarks.md is --device cuda).")
+    ] = "cpu",
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs (median, min, max reported).")] = 3,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, max=MAX_THREADS, help="CPU threads for torch.", show_default="torch's own")
+    ] = None,
     layers: Annotated[
         int | None,
         typer.Option(
@@ -65,7 +86,9 @@ def bench_command(
     output: Annotated[
         list[Path] | None, typer.Option(help="Write results to FILE.json or FILE.csv (repeatable).")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the chart to FILE.png (needs matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw the chart to FILE.png (or .svg, .pdf; needs matplotlib).")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Time one forward pass (or generation) per attention backend and batch size, with the speedup over eager.
@@ -87,7 +110,7 @@ def bench_command(
         if name not in DTYPE_CHOICES:
             raise UsageProblem(f"--dtype {name!r} is not a dtype (choose from {', '.join(DTYPE_CHOICES)})")
     batches = _parse_batches(batch_sizes)
-    device = device or "cpu"
+    _check_outputs(output or [], plot)  # before the measurement, which can take hours, not after
     if layers is None and model is None and not quick and device == "cpu":
         layers = CPU_DEFAULT_LAYERS
         stderr.print(
@@ -113,11 +136,9 @@ def bench_command(
         layers=layers,
         against_transformers=against is not None,
     )
-    for path in output or []:
-        if path.suffix not in (".json", ".csv"):
-            raise UsageProblem(f"--output {path}: use a .json or .csv file name")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+    shown = not quiet and stderr.is_terminal
+    with Progress(*columns, console=stderr, transient=True, disable=not shown, redirect_stdout=False) as progress:
         task = progress.add_task("benchmarking", total=None)
         report = run_benchmark(settings, lambda step: progress.update(task, description=f"measuring {step}"))
     _print_report(report)
@@ -125,6 +146,29 @@ def bench_command(
         (write_json if path.suffix == ".json" else write_csv)(report, path)
     if plot is not None:
         plot_chart(report, plot)
+
+
+def _check_outputs(outputs: list[Path], plot: Path | None) -> None:
+    """Fail now on a file that could not be written after the measurement."""
+    for path in outputs:
+        if path.suffix not in OUTPUT_SUFFIXES:
+            raise UsageProblem(f"--output {path}: use a .json or .csv file name")
+        _check_writable("--output", path)
+    if plot is None:
+        return
+    if plot.suffix not in PLOT_SUFFIXES:
+        raise UsageProblem(f"--plot {plot}: use a .png, .svg or .pdf file name")
+    _check_writable("--plot", plot)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PhiError("--plot needs matplotlib: pip install 'phi-toolkit[plot]'")
+
+
+def _check_writable(option: str, path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageProblem(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageProblem(f"{option} {path}: not writable")
 
 
 def _default_dtypes(device: str, mode: str) -> tuple[str, ...]:
@@ -145,7 +189,7 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 def _print_report(report: BenchReport) -> None:
     s, meta = report.settings, report.metadata
-    layers = f", only {meta['layers']} layers (--layers)" if meta["reduced_layers"] else ""
+    layers = f", {_layers_used(report)} (--layers)" if meta["reduced_layers"] else ""
     generating = s.mode == "generate"
     new = f" + {s.new_tokens} new tokens" if generating else ""
     title = (
@@ -186,6 +230,14 @@ def _print_report(report: BenchReport) -> None:
     stdout_console().print(table)
     for backend, reason in skipped.items():
         stderr.print(f"skipped {backend}: {reason}", highlight=False)
+
+
+def _layers_used(report: BenchReport) -> str:
+    """'2 of 24 layers' for a random shape; a checkpoint's own depth is not in the report."""
+    used, settings = report.metadata["layers"], report.settings
+    if settings.model is not None:
+        return f"first {used} layers"
+    return f"{used} of {SHAPES[settings.shape].num_hidden_layers} layers"
 
 
 def _ratio(value: float | None) -> str:

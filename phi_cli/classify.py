@@ -10,13 +10,23 @@ from rich.table import Table
 from rich.text import Text
 
 from phi_cli.errors import UsageProblem
-from phi_cli.io import progress_bar, read_jsonl, stdin_is_piped, stdout_console, texts_from_stdin_lines, write_json_line
+from phi_cli.io import (
+    argument_text,
+    progress_bar,
+    read_jsonl,
+    stdin_has_input,
+    stdout_console,
+    texts_from_stdin_lines,
+    visible,
+    write_json_line,
+)
 from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, load_for_task
 from phi_core.classify import Classification, classify
 from phi_core.tagging import TaggedText, tag
 
 TextsArg = Annotated[
-    list[str] | None, typer.Argument(help="Texts to label. Omit them to read one text per stdin line.")
+    list[str] | None,
+    typer.Argument(help="Texts to label; - stands for the lines of stdin. Omit them to read one text per stdin line."),
 ]
 InputOpt = Annotated[
     str | None,
@@ -36,7 +46,8 @@ def classify_command(
     function: Annotated[
         Literal["softmax", "sigmoid", "none"] | None,
         typer.Option(
-            help="Score function [default: from the config: softmax, sigmoid if multi-label, none for regression]."
+            help="Score function.",
+            show_default="from the config: softmax, sigmoid if multi-label, none for regression",
         ),
     ] = None,
     batch_size: BatchOpt = 8,
@@ -55,7 +66,7 @@ def classify_command(
 
     phi classify --input snippets.jsonl --all-scores > labelled.jsonl
     """
-    records = _records(texts, input_file)
+    records = _records(texts, input_file, quiet)
     classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device, quiet)
     shown = len(classifier.config.id2label) if all_scores else top_k
     results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
@@ -78,7 +89,7 @@ def tag_command(
         ),
     ] = "simple",
     ignore_labels: Annotated[
-        list[str] | None, typer.Option(help="Labels not to report (repeatable) [default: O].")
+        list[str] | None, typer.Option(help="Labels not to report (repeatable).", show_default="O")
     ] = None,
     batch_size: BatchOpt = 8,
     json_output: JsonOpt = False,
@@ -96,7 +107,7 @@ def tag_command(
 
     phi tag --aggregate none --json "x = 1"
     """
-    records = _records(texts, input_file)
+    records = _records(texts, input_file, quiet)
     tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device, quiet)
     ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
@@ -111,18 +122,32 @@ def tag_command(
             advance()
 
 
-def _records(texts: list[str] | None, input_file: str | None) -> list[dict[str, Any]]:
+def _records(texts: list[str] | None, input_file: str | None, quiet: bool) -> list[dict[str, Any]]:
     if input_file is not None:
         if texts:
             raise UsageProblem("give either TEXTS or --input, not both")
         return read_jsonl(input_file, "text")
     if not texts:
-        if not stdin_is_piped():
+        if not stdin_has_input():
             raise UsageProblem("no text: give texts as arguments, pipe lines on stdin, or use --input FILE")
-        texts = texts_from_stdin_lines()
-        if not texts:
+        texts = ["-"]
+    return [{"text": text} for text in _expand_stdin(texts, quiet)]
+
+
+def _expand_stdin(texts: list[str], quiet: bool) -> list[str]:
+    """The argument texts, with ``-`` replaced by the non-empty lines of stdin (read once)."""
+    if texts.count("-") > 1:
+        raise UsageProblem("- (stdin) given more than once")
+    expanded = []
+    for number, text in enumerate(texts, start=1):
+        if text != "-":
+            expanded.append(argument_text(text, f"text {number}", quiet))
+            continue
+        lines = texts_from_stdin_lines(quiet)
+        if not lines:
             raise UsageProblem("stdin holds no text")
-    return [{"text": text} for text in texts]
+        expanded.extend(lines)
+    return expanded
 
 
 def _as_json(flag: bool) -> bool:
@@ -152,19 +177,31 @@ def _print_table(results: list[Classification], shown: int) -> None:
     for result in results:
         for rank, item in enumerate(result.scores[:shown]):
             first_line = result.text.splitlines()[0] if result.text.strip() else result.text
-            table.add_row(first_line if rank == 0 else "", item.label, f"{item.score:.4f}")
+            # Text(), not str: user text and labels are shown as they are, never read as Rich markup
+            shown_text = Text(visible(first_line) if rank == 0 else "")
+            table.add_row(shown_text, Text(visible(item.label)), f"{item.score:.4f}")
     stdout_console().print(table)
 
 
 def _print_tagged(result: TaggedText, labels: list[str]) -> None:
-    styles = {label: LABEL_STYLES[i % len(LABEL_STYLES)] for i, label in enumerate(labels)}
-    text = Text(result.text)
-    for span in result.spans:
-        text.stylize(styles.get(span.label, "reverse"), span.start, span.end)
+    """The text with its spans highlighted in one colour per label; without colour (NO_COLOR, TERM=dumb), each
+    span is bracketed and followed by its label instead: ``[if]KEYWORD``."""
     console = stdout_console()
+    coloured = console.color_system is not None and not console.no_color
+    styles = {label: LABEL_STYLES[i % len(LABEL_STYLES)] for i, label in enumerate(labels)}
+    text, end = Text(), 0
+    for span in sorted(result.spans, key=lambda s: s.start):
+        if span.start < end:  # spans of one multi-token character share offsets: show it once
+            continue
+        text.append(visible(result.text[end : span.start]))
+        piece = visible(result.text[span.start : span.end])
+        if coloured:
+            text.append(piece, style=styles.get(span.label, "reverse"))
+        else:
+            text.append(f"[{piece}]{visible(span.label)}")
+        end = span.end
+    text.append(visible(result.text[end:]))
     console.print(text)
-    legend = Text("  ").join(
-        Text(label, style=styles.get(label, "reverse")) for label in sorted({s.label for s in result.spans})
-    )
-    if result.spans:
-        console.print(legend)
+    if result.spans and coloured:
+        found = sorted({s.label for s in result.spans})
+        console.print(Text("  ").join(Text(visible(label), style=styles.get(label, "reverse")) for label in found))

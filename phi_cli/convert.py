@@ -37,7 +37,8 @@ def convert_command(
     silence_notices(quiet)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as progress:
+    shown = not quiet and stderr.is_terminal
+    with Progress(*columns, console=stderr, transient=True, disable=not shown, redirect_stdout=False) as progress:
         task = progress.add_task("converting", total=None)
 
         def advance(name: str, nbytes: int) -> None:

@@ -1,6 +1,7 @@
 """Exceptions become one-line messages on stderr in one place, with the exit code each kind deserves.
 
-Set ``PHI_DEBUG=1`` to see the traceback instead.
+Set ``PHI_DEBUG=1`` to see the traceback instead. An exception nobody expected is still one line, an
+"internal error" with exit code 70 (EX_SOFTWARE), rather than a traceback.
 """
 
 from __future__ import annotations
@@ -9,24 +10,38 @@ import os
 import sys
 from typing import Any, NoReturn
 
+import click
 import typer
 from typer.core import TyperGroup
 
+from phi_cli.entry import Terminated
 from phi_core.errors import PhiError
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in phi, not in what the user asked
 
 
 class UsageProblem(Exception):
     """Bad command-line input that the option parser could not catch (exit code 2)."""
 
 
-# (exception type, exit code): first match wins.
+class ReaderGone(Exception):
+    """stdout's reader went away (`phi ... | head -1`). Not an OSError, so that click's own EPIPE handling (exit
+    code 1) never sees it."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C while a command ran; raised in place of KeyboardInterrupt so that click prints nothing of its own."""
+
+
+# (exception type, exit code): first match wins; the last row catches what nobody expected.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageProblem, 2),
-    (ValueError, 2),
+    (ValueError, 2),  # UnicodeError too: text that cannot be read as the input it should be
     (PhiError, 1),
     (OSError, 1),
     (MemoryError, 1),
-    (RuntimeError, 1),
+    (RuntimeError, 1),  # torch's errors: out of memory on a device, a kernel missing for a dtype
+    (Exception, INTERNAL_ERROR),
 )
 
 
@@ -37,6 +52,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code for ``exc`` from :data:`EXIT_CODES`; None for what is not an Exception (SystemExit...)."""
     for kind, code in EXIT_CODES:
         if isinstance(exc, kind):
             return code
@@ -44,10 +60,14 @@ def exit_code_for(exc: BaseException) -> int | None:
 
 
 def message_of(exc: BaseException) -> str:
+    """``exc`` as one line; an unexpected exception says it is a bug and how to see its traceback."""
     if isinstance(exc, typer.TyperException):
         return exc.format_message()
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split("\n"))
+    text = " ".join(str(exc).strip().split("\n"))
+    if exit_code_for(exc) == INTERNAL_ERROR:
+        detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return f"internal error: {detail} (run with PHI_DEBUG=1 to see the traceback)"
+    return text or type(exc).__name__
 
 
 class PhiGroup(TyperGroup):
@@ -56,23 +76,34 @@ class PhiGroup(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
-        except BrokenPipeError:
-            # The reader went away (`phi generate ... | head -1`): stop quietly.
-            sys.stderr.close()
-            sys.exit(0)
-        except (KeyboardInterrupt, typer.Abort):
+        except ReaderGone:
+            sys.exit(0)  # `phi ... | head -1`: the reader has what it wanted; stop quietly, as Unix tools do
+        except Interrupted:
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")  # end the line the terminal's ^C echo is on
             fail("interrupted", 130)
+        except typer.Abort:
+            fail("interrupted", 130)
+        except Terminated as exc:
+            fail(f"terminated by {exc}", exc.exit_code)
         except typer.TyperException as exc:  # the parser's usage errors
             message = message_of(exc)
             if not message.strip():  # `phi` alone: the help was printed, nothing went wrong
                 sys.exit(0)
             fail(message, exc.exit_code)
         except Exception as exc:
-            code = exit_code_for(exc)
-            if code is None or os.environ.get("PHI_DEBUG"):
+            if os.environ.get("PHI_DEBUG"):
                 raise
-            fail(message_of(exc), code)
+            fail(message_of(exc), exit_code_for(exc) or INTERNAL_ERROR)
         code = result if isinstance(result, int) else 0
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise ReaderGone() from None
+        except KeyboardInterrupt:
+            raise Interrupted() from None

@@ -8,8 +8,26 @@ from typing import Annotated, Any, Literal
 import typer
 
 from phi_cli.errors import UsageProblem
-from phi_cli.io import progress_bar, read_jsonl, stderr, stdin_is_piped, write_json_line
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, load_for_task
+from phi_cli.io import (
+    argument_text,
+    progress_bar,
+    read_jsonl,
+    read_stdin_text,
+    stderr,
+    stdin_has_input,
+    write_json_line,
+)
+from phi_cli.options import (
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    finite,
+    load_for_task,
+)
 from phi_core.completion import PROMPT_FORMATS, Completion, PromptToken, complete
 from phi_core.generation import GenerationParams, SamplingParams
 
@@ -18,7 +36,12 @@ OUTPUT = "Input and output"
 
 
 def generate_command(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt. Omit it to read the prompt from stdin.")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="The prompt; - or none reads it from stdin. Piped stdin and a PROMPT: stdin, a blank line, PROMPT."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per prompt.")] = 128,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop when this text appears (repeatable); not printed.")
@@ -33,16 +56,25 @@ def generate_command(
     truncate: Annotated[
         Literal["left"] | None, typer.Option(help="'left': drop the start of a prompt too long for the context.")
     ] = None,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.", rich_help_panel=SAMPLING)] = 0.0,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, callback=finite, help="0 = greedy.", rich_help_panel=SAMPLING)
+    ] = 0.0,
     top_k: Annotated[
         int, typer.Option(min=0, help="Keep the k likeliest tokens (0 = all).", rich_help_panel=SAMPLING)
     ] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(callback=finite, help="Nucleus sampling mass.", rich_help_panel=SAMPLING)
+    ] = 1.0,
     min_p: Annotated[
-        float, typer.Option(help="Drop tokens below min_p x the best token's probability.", rich_help_panel=SAMPLING)
+        float,
+        typer.Option(
+            callback=finite, help="Drop tokens below min_p x the best token's probability.", rich_help_panel=SAMPLING
+        ),
     ] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.", rich_help_panel=SAMPLING)] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.", rich_help_panel=SAMPLING)] = None,
+    repetition_penalty: Annotated[
+        float, typer.Option(callback=finite, help="> 1 discourages repeats.", rich_help_panel=SAMPLING)
+    ] = 1.0,
+    seed: SeedOpt = None,
     input_file: Annotated[
         str | None,
         typer.Option(
@@ -72,9 +104,11 @@ def generate_command(
 
     cat script.py | phi generate --max-new-tokens 100
 
+    cat script.py | phi generate "def test_main():"
+
     phi generate --input prompts.jsonl --json > out.jsonl
     """
-    records = _records(prompt, input_file)
+    records = _records(prompt, input_file, quiet)
     params = GenerationParams(
         max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()),
@@ -103,21 +137,34 @@ def generate_command(
     if not as_json:
         _write("\n")
     if stats:
-        _print_stats(finished, lm.precision.describe())
+        _print_stats(finished, lm.precision.describe(), batch_size)
 
 
-def _records(prompt: str | None, input_file: str | None) -> list[dict[str, Any]]:
+def _records(prompt: str | None, input_file: str | None, quiet: bool) -> list[dict[str, Any]]:
     if input_file is not None:
         if prompt is not None:
             raise UsageProblem("give either a PROMPT argument or --input, not both")
         return read_jsonl(input_file, "prompt")
-    if prompt is None:
-        if not stdin_is_piped():
-            raise UsageProblem("no prompt: give one as an argument, pipe it on stdin, or use --input FILE")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
+    text = _prompt_text(prompt, quiet)
+    if not text.strip():
         raise UsageProblem("the prompt is empty")
-    return [{"prompt": prompt}]
+    return [{"prompt": text}]
+
+
+def _prompt_text(prompt: str | None, quiet: bool) -> str:
+    """The argument; stdin for ``-`` or no argument; piped stdin, a blank line and the argument when both come.
+
+    The argument goes last because the model continues from the end of the prompt: `cat tests.py | phi generate
+    "def test_parse():"` writes that test, with the file as context."""
+    if prompt == "-":
+        return read_stdin_text(quiet)
+    if prompt is None:
+        if not stdin_has_input():
+            raise UsageProblem("no prompt: give one as an argument, pipe it on stdin, or use --input FILE")
+        return read_stdin_text(quiet)
+    text = argument_text(prompt, "the prompt", quiet)
+    piped = read_stdin_text(quiet) if stdin_has_input() else ""
+    return piped.rstrip("\n") + "\n\n" + text if piped.strip() else text
 
 
 def _result_record(record: dict[str, Any], done: Completion, dtype: str) -> dict[str, Any]:
@@ -141,11 +188,16 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _print_stats(finished: list[Completion], precision: str) -> None:
+def _print_stats(finished: list[Completion], precision: str, batch_size: int) -> None:
+    # complete() runs prompts in consecutive batches of batch_size; the completions of one batch share one
+    # prefill and one decode clock, which ran until its last row finished. Batches run one after another.
+    per_batch: dict[int, list[Completion]] = {}
+    for done in finished:
+        per_batch.setdefault(done.index // batch_size, []).append(done)
     prompt_tokens = sum(c.prompt_tokens for c in finished)
     new_tokens = sum(c.completion_tokens for c in finished)
-    prefill = sum({c.prefill_s for c in finished})  # the prompts of one batch share one prefill time
-    decode = max((c.decode_s for c in finished), default=0.0)
+    prefill = sum(batch[0].prefill_s for batch in per_batch.values())
+    decode = sum(max(c.decode_s for c in batch) for batch in per_batch.values())
     rate = new_tokens / decode if decode > 0 else 0.0
     stderr.print(
         f"{len(finished)} prompt(s): {prompt_tokens} prompt tokens, prefill {prefill:.3f} s; "

@@ -1,20 +1,33 @@
-"""Reading inputs (argument, stdin, JSONL) and writing results (plain text, JSONL) for the commands."""
+"""Reading inputs (argument, stdin, JSONL) and writing results (plain text, JSONL) for the commands.
+
+Text policy: a JSONL input must be valid UTF-8 (a bad line is an error naming the line); a plain-text argument
+or stdin is read leniently, its bytes that are not UTF-8 replaced by U+FFFD with a notice on stderr.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.spinner import Spinner
 
 from phi_cli.errors import UsageProblem
 
 stderr = Console(stderr=True)
+# Python hands over argv bytes that are not UTF-8 as lone surrogates (surrogateescape); JSON can spell them too.
+SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 and C1 control characters but tab and newline: ESC and CSI could drive the terminal, CR overwrite a line.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def stdout_console() -> Console:
@@ -23,64 +36,134 @@ def stdout_console() -> Console:
     return probe if probe.is_terminal else Console(width=160)
 
 
+def visible(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters (but tab and newline) as ``\\x1b``-style escapes."""
+    return CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+def notice(message: str, quiet: bool) -> None:
+    """A one-line ``note:`` on stderr, unless --quiet."""
+    if not quiet:
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def argument_text(text: str, what: str, quiet: bool) -> str:
+    """A text from the command line, its bytes that were not UTF-8 (lone surrogates) replaced by U+FFFD."""
+    if not SURROGATE.search(text):
+        return text
+    notice(f"{what} is not valid UTF-8; the bytes that are not were replaced by U+FFFD", quiet)
+    return SURROGATE.sub("\ufffd", text)
+
+
+def stdin_has_input() -> bool:
+    """Whether stdin is something to read (a pipe, a file, a socket), not a terminal or /dev/null."""
+    if sys.stdin is None:
+        return False
+    try:
+        return not stat.S_ISCHR(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError):  # no file descriptor: an in-memory stdin (Typer's CliRunner)
+        return not sys.stdin.isatty()
+
+
+def read_stdin_text(quiet: bool) -> str:
+    """All of stdin as text; bytes that are not UTF-8 become U+FFFD, with a notice."""
+    raw = _stdin_bytes().read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        notice("stdin is not valid UTF-8; the bytes that are not were replaced by U+FFFD", quiet)
+        return raw.decode("utf-8", errors="replace")
+
+
+def texts_from_stdin_lines(quiet: bool) -> list[str]:
+    """Non-empty lines of stdin (line ends removed)."""
+    return [line.rstrip("\r") for line in read_stdin_text(quiet).split("\n") if line.strip()]
+
+
 def read_jsonl(source: str, field: str) -> list[dict[str, Any]]:
     """Records of a JSONL file (``-`` = stdin), each an object with a string ``field``; blank lines skipped."""
-    handle = sys.stdin if source == "-" else _open(source)
-    records = []
-    with handle if source != "-" else _nullcontext(handle):
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageProblem(f"{_name(source)} line {number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise UsageProblem(f"{_name(source)} line {number}: expected an object with a string {field!r}")
-            records.append(record)
+    if source == "-":
+        records = _parse_jsonl(_stdin_bytes(), "stdin", field)
+    else:
+        with _open(source) as handle:
+            records = _parse_jsonl(handle, source, field)
     if not records:
         raise UsageProblem(f"{_name(source)}: no records")
     return records
 
 
-def texts_from_stdin_lines() -> list[str]:
-    """Non-empty lines of stdin (trailing newline removed)."""
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-
-
-def stdin_is_piped() -> bool:
-    return sys.stdin is not None and not sys.stdin.isatty()
-
-
 def write_json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
+    """``record`` as one JSON line, flushed so a reader sees it at once."""
     out = out or sys.stdout
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    line = json.dumps(record, ensure_ascii=False)
+    if SURROGATE.search(line):  # a lone surrogate copied from the input cannot be written as UTF-8
+        line = json.dumps(record)  # ... but its \ud800 escape can, and reads back the same
+    out.write(line + "\n")
     out.flush()
 
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Any]:
-    """A Rich progress bar on stderr, or a no-op when disabled or stderr is not a terminal."""
-    if not enabled or not stderr.is_terminal:
+    """A Rich progress bar on stderr, or a no-op when disabled, when stderr is not a terminal, or when stdout
+    is one (the results scrolling by are the progress there)."""
+    if not enabled or not stderr.is_terminal or sys.stdout.isatty():
         yield lambda advance=1: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
+    # redirect_stdout=False: Rich would otherwise send whatever is written to stdout meanwhile to the terminal
+    with Progress(*columns, console=stderr, transient=True, redirect_stdout=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda advance=1: progress.advance(task, advance)
 
 
-def _open(path: str) -> TextIO:
+@contextmanager
+def spinner(text: str, enabled: bool) -> Iterator[None]:
+    """A transient spinner on stderr while something slow runs (loading a model), when stderr is a terminal."""
+    if not enabled or not stderr.is_terminal:
+        yield
+        return
+    with Live(Spinner("dots", text), console=stderr, transient=True, redirect_stdout=False):
+        yield
+
+
+def _parse_jsonl(lines: Iterable[bytes], name: str, field: str) -> list[dict[str, Any]]:
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        line = _decode_line(raw, name, number)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageProblem(f"{name} line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UsageProblem(f"{name} line {number}: expected an object with a string {field!r}")
+        if SURROGATE.search(record[field]):
+            raise UsageProblem(f"{name} line {number}: {field!r} holds a lone surrogate (\\ud800-\\udfff), not text")
+        records.append(record)
+    return records
+
+
+def _decode_line(raw: bytes, name: str, number: int) -> str:
     try:
-        return Path(path).open(encoding="utf-8")
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark may open the file
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start]
+        raise UsageProblem(
+            f"{name} line {number}: not valid UTF-8 (byte 0x{byte:02x} at byte {exc.start + 1} of the line)"
+        ) from None
+
+
+def _stdin_bytes() -> BinaryIO:
+    return sys.stdin.buffer  # bytes: the decoding policy above is ours, not the locale's
+
+
+def _open(path: str) -> BinaryIO:
+    try:
+        return Path(path).open("rb")
     except OSError as exc:
         raise UsageProblem(f"{path}: cannot be read ({exc.strerror})") from None
 
 
 def _name(source: str) -> str:
     return "stdin" if source == "-" else source
-
-
-@contextmanager
-def _nullcontext(value: TextIO) -> Iterator[TextIO]:
-    yield value

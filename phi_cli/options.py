@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 import torch
 import typer
 
+from phi_cli.io import spinner
 from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.embedded import DEFAULT_FOR_TASK
+from phi_core.loading import check_tokenizer_fits
 from phi_core.model import PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES
 
@@ -22,7 +25,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Checkpoint folder, Hub repo id, or embedded name [default: the embedded tiny model]",
+        help="Checkpoint folder, Hub repo id, or embedded name.",
+        show_default="the embedded model for the task",
         rich_help_panel=MODEL_PANEL,
     ),
 ]
@@ -37,16 +41,27 @@ DtypeOpt = Annotated[
     Dtype | None,
     typer.Option(
         help="Weight dtype. On a CPU, 16-bit and int8 weights are multiplied in float32 (half or a quarter of the "
-        "bytes per token); auto keeps the checkpoint's own precision [default: auto on CPU, float16 on CUDA].",
+        "bytes per token); auto keeps the checkpoint's own precision.",
+        show_default="auto on CPU, float16 on CUDA",
         rich_help_panel=MODEL_PANEL,
     ),
 ]
 AttnOpt = Annotated[Backend, typer.Option(help="Attention backend.", rich_help_panel=MODEL_PANEL)]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(help="cpu, cuda, cuda:1 ... [default: cuda if available, else cpu].", rich_help_panel=MODEL_PANEL),
+    typer.Option(help="cpu, cuda, cuda:1 ...", show_default="cuda if available, else cpu", rich_help_panel=MODEL_PANEL),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notices on stderr.")]
+SeedOpt = Annotated[
+    int | None, typer.Option(min=0, max=2**64 - 1, help="Seed for sampling.", rich_help_panel="Sampling")
+]
+
+
+def finite(value: float) -> float:
+    """Option callback that refuses nan and inf, which every range check lets through."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,8 @@ def model_choice(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = "auto" if torch.device(device).type == "cpu" else "float16"
-    return ModelChoice(model or DEFAULT_FOR_TASK[task], revision, dtype, attn, device)
+    source = DEFAULT_FOR_TASK[task] if model is None else model  # `-m ''` is a mistake, not the default
+    return ModelChoice(source, revision, dtype, attn, device)
 
 
 def load_for_task(
@@ -83,8 +99,11 @@ def load_for_task(
     ``quiet`` silences phi_core's notices (such as converting an old layout in memory)."""
     silence_notices(quiet)
     choice = model_choice(task, model, revision, dtype, attn, device)
-    loaded = load_model(choice.source, task, choice.dtype, choice.attn, choice.device, choice.revision)
-    return loaded, load_tokenizer(choice.source, choice.revision)
+    with spinner("loading model...", enabled=not quiet):
+        loaded = load_model(choice.source, task, choice.dtype, choice.attn, choice.device, choice.revision)
+        tokenizer = load_tokenizer(choice.source, choice.revision)
+    check_tokenizer_fits(loaded.config, tokenizer)
+    return loaded, tokenizer
 
 
 def silence_notices(quiet: bool) -> None:

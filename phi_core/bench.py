@@ -600,11 +600,17 @@ def plot_chart(report: BenchReport, path: Path) -> None:
             name = f"{name} {dtype}"
         bars = axis.bar(xs, ys, width, label=name)
         axis.bar_label(bars, labels=labels, fontsize=8, padding=2)
-    s = report.settings
-    layers = f", {report.metadata['layers']} layers" if s.layers is not None else ""
+    s, meta = report.settings, report.metadata
+    if s.layers is None:
+        layers = ""
+    elif s.model is None:
+        layers = f", {meta['layers']} of {SHAPES[s.shape].num_hidden_layers} layers"
+    else:
+        layers = f", first {meta['layers']} layers"
+    weights = "random weights, " if s.model is None else ""
     axis.set_title(
         f"{s.shape if s.model is None else s.model}: {s.mode}, seq {s.seq_len}, {', '.join(s.dtypes)}{layers}\n"
-        f"{report.metadata['gpu'] or report.metadata['cpu']}",
+        f"{weights}{meta['gpu'] or meta['cpu']}, {meta['threads']} threads, median of {s.repeats} runs",
         fontsize=10,
     )
     axis.set_xticks(range(len(batches)), [str(b) for b in batches])

@@ -1,0 +1,105 @@
+"""The `phi` console script. It sets up signals and the standard streams before importing anything heavy.
+
+Importing the CLI imports torch, which takes seconds; a Ctrl-C or SIGTERM in that time must still end in one
+line, not a traceback. So this module imports only the standard library, and imports the CLI inside ``main``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+# Signals that end phi like Ctrl-C does: an exception unwinds the stack, so `finally` blocks (a half-written
+# `phi convert` staging folder) clean up. SIGINT keeps Python's own handler (KeyboardInterrupt).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    swallows it on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 129 for SIGHUP
+
+
+def raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated`, unless the parent asked for them to be ignored."""
+    for signum in TERMINATING_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup phi ...` keeps ignoring SIGHUP
+            signal.signal(signum, raise_terminated)
+
+
+def main() -> None:
+    """Run the `phi` command: ``phi --help`` lists the subcommands."""
+    install_signal_handlers()
+    if not _is_open(1):
+        _print_error("stdout is closed (results are written there; redirect it to a file or /dev/null instead)")
+        sys.exit(1)
+    _replace_missing_streams()
+    sys.exit(_flush_stdout(_run_cli()))
+
+
+def _run_cli() -> int:
+    """The exit code of the CLI; interrupts that arrive while it is still importing end in one line too."""
+    try:
+        from phi_cli.main import app
+
+        app()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Terminated as exc:
+        _print_error(f"terminated by {exc}")
+        return exc.exit_code
+    return 0
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush stdout, then point fd 1 at /dev/null if it failed, so the interpreter's own flush at exit has
+    nothing left to fail on (it would print "Exception ignored ... BrokenPipeError")."""
+    try:
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        pass  # the reader went away: what it read was all it wanted
+    except OSError as exc:  # a full disk, for one
+        if code == 0:
+            _print_error(f"cannot write to stdout: {exc.strerror or exc}")
+            code = 1
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return code
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _replace_missing_streams() -> None:
+    """A closed stdin or stderr (`<&-`, `2>&-`) reads as empty and writes nowhere, instead of failing later."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+
+
+def _print_error(message: str) -> None:
+    if sys.stderr is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
