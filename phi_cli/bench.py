@@ -189,7 +189,7 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 def _print_report(report: BenchReport) -> None:
     s, meta = report.settings, report.metadata
-    layers = f", {_layers_used(report)} (--layers)" if meta["reduced_layers"] else ""
+    layers = _layers_used(report)
     generating = s.mode == "generate"
     new = f" + {s.new_tokens} new tokens" if generating else ""
     title = (
@@ -233,11 +233,15 @@ def _print_report(report: BenchReport) -> None:
 
 
 def _layers_used(report: BenchReport) -> str:
-    """'2 of 24 layers' for a random shape; a checkpoint's own depth is not in the report."""
+    """', 2 of 24 layers (--layers)' for a cut random shape, ', first 2 layers (--layers)' for a cut checkpoint
+    (its own depth is not in the report), nothing for a whole model."""
     used, settings = report.metadata["layers"], report.settings
+    if not report.metadata["reduced_layers"]:
+        return ""
     if settings.model is not None:
-        return f"first {used} layers"
-    return f"{used} of {SHAPES[settings.shape].num_hidden_layers} layers"
+        return f", first {used} layers (--layers)"
+    total = SHAPES[settings.shape].num_hidden_layers
+    return "" if used == total else f", {used} of {total} layers (--layers)"
 
 
 def _ratio(value: float | None) -> str:

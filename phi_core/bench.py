@@ -601,12 +601,11 @@ def plot_chart(report: BenchReport, path: Path) -> None:
         bars = axis.bar(xs, ys, width, label=name)
         axis.bar_label(bars, labels=labels, fontsize=8, padding=2)
     s, meta = report.settings, report.metadata
-    if s.layers is None:
-        layers = ""
-    elif s.model is None:
-        layers = f", {meta['layers']} of {SHAPES[s.shape].num_hidden_layers} layers"
-    else:
+    layers = ""  # the whole model: nothing to say
+    if s.layers is not None and s.model is not None:
         layers = f", first {meta['layers']} layers"
+    elif s.layers is not None and meta["layers"] != SHAPES[s.shape].num_hidden_layers:
+        layers = f", {meta['layers']} of {SHAPES[s.shape].num_hidden_layers} layers"
     weights = "random weights, " if s.model is None else ""
     axis.set_title(
         f"{s.shape if s.model is None else s.model}: {s.mode}, seq {s.seq_len}, {', '.join(s.dtypes)}{layers}\n"

@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
+
+import pytest
 
 # The console script pip installed beside this interpreter: what a user runs.
 PHI = Path(sys.executable).parent / "phi"
@@ -63,9 +65,11 @@ def run_phi(
     env: dict[str, str] | None = None,
     timeout: float = 90.0,
 ) -> Result:
-    """Run ``phi *args`` (bytes arguments go to the process as they are, like a shell's); a str/bytes ``stdin``
-    is piped in and closed. ``head=N`` reads N lines of a piped
-    stdout and then closes the read end, as ``| head -N`` does."""
+    """Run ``phi *args`` and wait for it. Bytes arguments reach the process as they are, as from a shell; a
+    str or bytes ``stdin`` is piped in, then closed; ``head=N`` reads N lines of a piped stdout and then closes
+    the read end, as ``| head -N`` does."""
+    if not PHI.exists():
+        pytest.skip(f"no console script at {PHI}: pip install -e . first")
     streams = _Streams(stdin, stdout, stderr)
     try:
         process = subprocess.Popen(
@@ -85,10 +89,13 @@ def run_phi(
         _deliver(process, send, deadline)
         returncode = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        _kill(process)
         streams.finish()
         raise AssertionError(f"phi {args} still running after {timeout} s; stderr: {streams.err!r}") from None
+    except BaseException:
+        _kill(process)
+        streams.finish()
+        raise
     streams.finish()
     raw_out = stdout.read_bytes() if isinstance(stdout, Path) else streams.out
     return Result(returncode, _text(raw_out), _text(streams.err), raw_out, streams.err)
@@ -109,13 +116,19 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 def _deliver(process: subprocess.Popen, send: Signal | None, deadline: float) -> None:
+    """Wait until ``send`` is due, then send it; fail if phi ends first."""
     if send is None:
         return
     started = time.monotonic()
     while process.poll() is None and time.monotonic() < deadline:
-        due = send.when() if callable(send.when) else time.monotonic() - started >= send.when
-        if due:
+        if send.when() if callable(send.when) else time.monotonic() - started >= send.when:
             process.send_signal(send.signum)
             return
         time.sleep(0.005)
@@ -125,84 +138,68 @@ def _deliver(process: subprocess.Popen, send: Signal | None, deadline: float) ->
 
 
 class _Streams:
-    """The three standard streams of one run: what the child gets, and readers that drain what it writes."""
+    """The three standard streams of one run: the ends the child gets, and threads draining what it writes."""
 
     def __init__(self, stdin: Stdin, stdout: Stdout, stderr: Stderr) -> None:
-        self._child_ends: list[int] = []
+        self._child_fds: list[int] = []  # terminal ends the child inherits; closed here once it has them
+        self._files: list[BinaryIO] = []  # files the child writes to (/dev/full, a result file)
+        self._masters: dict[str, int] = {}  # our ends of the terminals, by stream name
         self._threads: list[threading.Thread] = []
-        self._stdin_master: int | None = None
         self.out, self.err = b"", b""
-        self.child_stdin = self._stdin_end(stdin)
+        self.child_stdin = self._terminal("in") if stdin == "tty" else _STDIN_MODES.get(stdin, subprocess.PIPE)
         self.child_stdout = self._stdout_end(stdout)
-        self._err_master = self._terminal() if stderr == "tty" else None
-        self.child_stderr = self._child_ends[-1] if stderr == "tty" else subprocess.PIPE
+        self.child_stderr = self._terminal("err") if stderr == "tty" else subprocess.PIPE
 
-    def _terminal(self) -> int:
+    def _terminal(self, name: str) -> int:
         master, child = os.openpty()
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-        self._child_ends.append(child)
-        return master
+        self._masters[name] = master
+        self._child_fds.append(child)
+        return child
 
-    def _stdin_end(self, stdin: Stdin) -> int:
-        if stdin == "tty":
-            self._stdin_master = self._terminal()
-            return self._child_ends[-1]
-        if stdin == "devnull":
-            return subprocess.DEVNULL
-        return subprocess.PIPE
-
-    def _stdout_end(self, stdout: Stdout) -> int | object:
-        self._out_master = None
+    def _stdout_end(self, stdout: Stdout) -> int | BinaryIO | None:
         if stdout == "tty":
-            self._out_master = self._terminal()
-            return self._child_ends[-1]
-        if stdout == "full":
-            self._full = open("/dev/full", "wb")  # noqa: SIM115 (closed in close_child_ends)
-            return self._full
-        if isinstance(stdout, Path):
-            self._file = stdout.open("wb")
-            return self._file
-        return None if stdout == "closed" else subprocess.PIPE
+            return self._terminal("out")
+        if stdout == "closed":
+            return None  # inherited, then closed by _close_stdout
+        if stdout == "pipe":
+            return subprocess.PIPE
+        self._files.append(open("/dev/full" if stdout == "full" else stdout, "wb"))  # noqa: SIM115
+        return self._files[-1]
 
     def close_child_ends(self) -> None:
-        for fd in self._child_ends:
+        for fd in self._child_fds:
             os.close(fd)
-        for name in ("_full", "_file"):
-            if hasattr(self, name):
-                getattr(self, name).close()
+        for handle in self._files:
+            handle.close()
 
     def start(self, process: subprocess.Popen, stdin: Stdin, head: int | None) -> None:
-        if isinstance(stdin, str | bytes) and stdin != "tty" and stdin != "devnull":
-            data = stdin.encode() if isinstance(stdin, str) else stdin
-            self._spawn(_feed, process.stdin, data)
-        if self._out_master is not None:
-            self._spawn(self._drain_terminal, self._out_master, "out")
-        elif process.stdout is not None:
-            self._spawn(self._drain_pipe, process.stdout, "out", head)
-        if self._err_master is not None:
-            self._spawn(self._drain_terminal, self._err_master, "err")
-        else:
-            self._spawn(self._drain_pipe, process.stderr, "err", None)
+        if process.stdin is not None:
+            self._spawn(_feed, process.stdin, stdin.encode() if isinstance(stdin, str) else stdin)
+        for name in ("out", "err"):
+            if name in self._masters:
+                self._spawn(self._drain_terminal, name)
+            elif getattr(process, f"std{name}") is not None:
+                self._spawn(self._drain_pipe, getattr(process, f"std{name}"), name, head if name == "out" else None)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def _drain_terminal(self, master: int, name: str) -> None:
+    def _drain_terminal(self, name: str) -> None:
         chunks = []
         while True:
             try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed its end
+                chunk = os.read(self._masters[name], 65536)
+            except OSError:  # EIO: every process has closed the terminal's other end
                 break
             if not chunk:
                 break
             chunks.append(chunk)
-        os.close(master)
         setattr(self, name, b"".join(chunks))
 
-    def _drain_pipe(self, pipe, name: str, head: int | None) -> None:
+    def _drain_pipe(self, pipe: BinaryIO, name: str, head: int | None) -> None:
         if head is None:
             setattr(self, name, pipe.read())
         else:
@@ -212,11 +209,15 @@ class _Streams:
     def finish(self) -> None:
         for thread in self._threads:
             thread.join(timeout=10)
-        if self._stdin_master is not None:
-            os.close(self._stdin_master)
+        for master in self._masters.values():
+            os.close(master)
+        self._masters.clear()
 
 
-def _feed(pipe, data: bytes) -> None:
+_STDIN_MODES = {"devnull": subprocess.DEVNULL}
+
+
+def _feed(pipe: BinaryIO, data: bytes) -> None:
     try:
         pipe.write(data)
         pipe.close()

@@ -223,11 +223,45 @@ def test_only_backend_asked_for_that_cannot_run_is_an_error(lm_checkpoint):
         (["--output", "r.txt"], "use a .json or .csv"),
         (["--shape", "phi-3"], "--shape"),
         (["--dtype", "float8"], "--dtype 'float8' is not a dtype"),
+        (["--threads", "100000"], "'--threads'"),
+        (["--output", "no/such/folder/r.json"], "--output no/such/folder/r.json: the folder no/such/folder does not"),
+        (["--plot", "chart.txt"], "use a .png, .svg or .pdf"),
+        (["--plot", "no/such/folder/chart.png"], "the folder no/such/folder does not exist"),
     ],
 )
-def test_bad_options(args, message):
+def test_bad_options(args, message, monkeypatch):
+    # Checked before measuring: a file that cannot be written must not cost the whole sweep first.
+    monkeypatch.setattr("phi_cli.bench.run_benchmark", lambda *a: pytest.fail("measured before checking options"))
     result = CliRunner().invoke(app, ["bench", "--quick", *args])
     assert result.exit_code == 2 and message in result.stderr
+
+
+def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, tmp_path):
+    monkeypatch.setattr("phi_cli.bench.run_benchmark", lambda *a: pytest.fail("measured before checking options"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    result = CliRunner().invoke(app, ["bench", "--quick", "--plot", str(tmp_path / "chart.png")])
+    assert result.exit_code == 1
+    assert result.stderr == "error: --plot needs matplotlib: pip install 'phi-toolkit[plot]'\n"
+
+
+def test_bench_device_defaults_to_cpu_and_titles_say_which_layers(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    help_text = " ".join(CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "250"}).stdout.split())
+    assert "cuda if available" not in help_text and "[default: cpu]" in help_text
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    args = ["--shape", "tiny", "--layers", "1", "--seq-len", "8", "--batch-sizes", "1", "--repeats", "2"]
+    out, png = tmp_path / "r.json", tmp_path / "c.png"
+    result = CliRunner().invoke(app, ["bench", *args, "--attn", "eager", "--output", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 4 layers (--layers)" in result.stdout
+    meta = json.loads(out.read_text())["metadata"]
+    assert titles == [
+        "tiny: forward, seq 8, float32, 1 of 4 layers\n"
+        f"random weights, {meta['cpu']}, {meta['threads']} threads, median of 2 runs"
+    ]
 
 
 def test_random_model_has_the_real_shape_in_the_target_dtype():

@@ -210,6 +210,9 @@ def test_tag_cli_json(tagger_checkpoint):
         (["classify", "word " * 80], None, 1, "text 1 has 81 tokens; the model's context is 64"),
         (["tag", "--aggregate", "best", "x"], None, 2, "--aggregate"),
         (["tag", "word " * 80], None, 1, "(use --truncate to cut it)"),
+        (["classify", "-", "x", "-"], "a\n", 2, "- (stdin) given more than once"),
+        (["tag", "-"], "\n\n", 2, "stdin holds no text"),
+        (["tag", "--input", "-"], b'{"text": "caf\xe9"}\n', 2, "stdin line 1: not valid UTF-8 (byte 0xe9 at byte 14"),
     ],
 )
 def test_bad_input(classifier_checkpoint, tagger_checkpoint, args, stdin, code, message):
@@ -217,6 +220,19 @@ def test_bad_input(classifier_checkpoint, tagger_checkpoint, args, stdin, code, 
     result = run([args[0], "-m", str(folder), *args[1:]], stdin=stdin)
     assert result.exit_code == code, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_dash_stands_for_the_lines_of_stdin(classifier_checkpoint):
+    result = run(["classify", "-m", str(classifier_checkpoint), "first", "-", "last"], stdin="a\n\nb\r\n")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["first", "a", "b", "last"]
+
+
+def test_stdin_lines_that_are_not_utf8_are_replaced_with_a_notice(tagger_checkpoint):
+    result = run(["tag", "-m", str(tagger_checkpoint)], stdin=b"caf\xe9 = 1\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"] == "caf\ufffd = 1"
+    assert result.stderr == "note: stdin is not valid UTF-8; the bytes that are not were replaced by U+FFFD\n"
 
 
 def test_truncate_cuts_long_texts(classifier_checkpoint):

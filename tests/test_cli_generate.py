@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,9 @@ from typer.testing import CliRunner
 
 import phi_core
 from phi_cli.main import app
-from phi_core.generation import GenerationParams, generate
+from phi_core.generation import GenerationParams, SamplingParams, generate
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +38,40 @@ def test_help_lists_the_five_commands(runner):
     assert result.exit_code == 0
     for name in ("generate", "classify", "tag", "convert", "bench"):
         assert name in result.output
+
+
+def one_line(text: str) -> str:
+    """Help text with the panels' borders and line wrapping taken out."""
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("command", "notes"),
+    [
+        ([], ["--version"]),
+        (
+            ["generate"],
+            [
+                "[default: (the embedded model for the task)]",
+                "[default: (auto on CPU, float16 on CUDA)]",
+                "[default: (cuda if available, else cpu)]",
+                "[default: 128]",
+            ],
+        ),
+        (["classify"], ["[default: (from the config: softmax, sigmoid if multi-label, none for regression)]"]),
+        (["tag"], ["[default: (O)]", "[default: simple]"]),
+        (["convert"], ["[default: keep]"]),
+        (["bench"], ["[default: (every backend that can run here)]", "[default: cpu]", "[default: (float32 on CPU"]),
+    ],
+)
+def test_help_keeps_every_default_note(runner, command, notes):
+    # Rich markup used to eat "[default: ...]" written into help texts, leaving "precision ." behind.
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    text = one_line(result.stdout)
+    assert not re.search(r"\S \.( |$)", text), text
+    for note in notes:
+        assert note in text
 
 
 def test_prompt_argument_prints_the_completion(runner, lm_checkpoint):
@@ -163,6 +202,15 @@ def test_truncate_left_keeps_the_end(runner, lm_checkpoint):
         (["x", "--max-new-tokens", "70"], None, 1, "exceeds the model's context of 64 tokens"),
         (["x", "--attn", "flash_attention_2"], None, 1, "flash_attention_2 needs a CUDA device"),
         (["x", "--top-p", "1.5"], None, 2, "top_p"),
+        (["x", "--repetition-penalty", "nan"], None, 2, "'--repetition-penalty': nan is not a finite number"),
+        (["x", "--temperature", "inf"], None, 2, "'--temperature': inf is not a finite number"),
+        (["x", "--top-p", "nan"], None, 2, "'--top-p'"),
+        (["x", "--min-p", "-inf"], None, 2, "'--min-p'"),
+        (["x", "--seed", str(2**64)], None, 2, "'--seed'"),
+        (["x", "--seed", "-1"], None, 2, "'--seed'"),
+        (["--input", "-"], b'{"prompt": "ok"}\n{"prompt": "\xff"}\n', 2, "stdin line 2: not valid UTF-8 (byte 0xff"),
+        (["--input", "-"], '{"prompt": "\\ud800"}\n', 2, "stdin line 1: 'prompt' holds a lone surrogate"),
+        (["-"], "", 2, "the prompt is empty"),
     ],
 )
 def test_bad_input_is_one_clear_line(runner, lm_checkpoint, args, stdin, code, message):
@@ -171,6 +219,72 @@ def test_bad_input_is_one_clear_line(runner, lm_checkpoint, args, stdin, code, m
     assert message in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
+
+
+def test_sampling_params_refuse_nan_and_inf():
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                SamplingParams(**{name: value})
+
+
+def test_dash_reads_the_prompt_from_stdin(runner, lm_checkpoint):
+    result = run(runner, ["generate", "-", "-m", str(lm_checkpoint), "--max-new-tokens", "2", "--json"], stdin="a\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "a\n"
+
+
+def test_piped_stdin_comes_before_the_prompt_argument(runner, lm_checkpoint):
+    args = ["generate", "def test_g():", "-m", str(lm_checkpoint), "--max-new-tokens", "2", "--json"]
+    result = run(runner, args, stdin="def g():\n    pass\n\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "def g():\n    pass\n\ndef test_g():"
+
+
+def test_undecodable_argument_bytes_become_replacement_characters(runner, lm_checkpoint):
+    args = ["generate", "x = '\udcff'", "-m", str(lm_checkpoint), "--max-new-tokens", "2", "--json"]
+    result = run(runner, args)  # what Python makes of the argv bytes "x = '\xff'"
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "x = '\ufffd'"
+    assert result.stderr == "note: the prompt is not valid UTF-8; the bytes that are not were replaced by U+FFFD\n"
+    assert run(runner, [*args, "--quiet"]).stderr == ""
+
+
+def test_lone_surrogate_in_a_copied_field_is_written_as_an_escape(runner, lm_checkpoint):
+    line = '{"prompt": "x", "note": "\\udc00"}\n'
+    result = run(runner, ["generate", "--input", "-", "-m", str(lm_checkpoint), "--max-new-tokens", "1"], stdin=line)
+    assert result.exit_code == 0, result.output
+    assert "\\udc00" in result.stdout and json.loads(result.stdout)["note"] == "\udc00"
+
+
+def test_empty_model_option_is_not_the_embedded_model(runner):
+    result = run(runner, ["generate", "x", "-m", "", "--max-new-tokens", "2"])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: ") and result.stdout == ""
+
+
+def test_stats_add_up_the_batches(runner, lm_checkpoint, tmp_path):
+    # Batches run one after another: tokens/s is all new tokens over the sum of the batches' decode times
+    # (it used to divide by the longest single batch, overstating the rate).
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a", "b = 1", "import os", "def f():"]))
+    args = ["generate", "--input", str(path), "-m", str(lm_checkpoint), "--max-new-tokens", "6", "--ignore-eos"]
+    result = run(runner, [*args, "--batch-size", "2", "--stats"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    decode = records[0]["decode_s"] + records[2]["decode_s"]  # rows of one batch share its clock
+    found = re.search(r"(\d+) new tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", result.stderr)
+    assert found is not None, result.stderr
+    assert int(found[1]) == 24
+    assert float(found[2]) == pytest.approx(decode, abs=2e-3)
+    assert float(found[3]) == pytest.approx(24 / float(found[2]), rel=0.05)
+
+
+def test_readme_python_example_prints_what_its_comment_says(capsys):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)[1]
+    claimed = re.search(r"print\(model\(.*\)\.logits\.shape\)  # (.*)", code)[1]
+    exec(compile(code, str(README), "exec"), {})
+    assert capsys.readouterr().out.splitlines()[0] == claimed
 
 
 def test_missing_model_folder_is_a_runtime_error(runner):

@@ -175,6 +175,15 @@ def test_version_is_the_installed_one():
     assert (result.returncode, result.stdout) == (0, f"phi-toolkit {version('phi-toolkit')}\n")
 
 
+def test_shell_completion_completes_subcommands_and_options():
+    # What the script `phi --install-completion` installs for bash asks of phi on each <Tab>.
+    bash = {"_PHI_COMPLETE": "complete_bash", "COMP_WORDS": "phi generate --max", "COMP_CWORD": "2"}
+    result = run_phi([], env=bash)
+    assert (result.returncode, result.stdout.split()) == (0, ["--max-new-tokens"])
+    script = CliRunner().invoke(app, ["--show-completion", "bash"])
+    assert script.exit_code == 0 and "_PHI_COMPLETE=complete_bash" in script.stdout
+
+
 # --- Errors: every exception has an exit code; the unexpected ones are one line too ------------------------------
 
 
