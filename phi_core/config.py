@@ -25,6 +25,9 @@ ProblemType = Literal["single_label_classification", "multi_label_classification
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+# A label name is made for each label a config counts without naming them, so a config claiming 10**9 labels would
+# exhaust memory before its weights could contradict it; real classification heads have far fewer.
+MAX_LABELS = 100_000
 
 # Keys that carry no information for inference (training-only values, bookkeeping). Known, so not reported.
 _HF_BOOKKEEPING = frozenset(
@@ -147,13 +150,13 @@ class PhiConfig:
     # Readers ------------------------------------------------------------------------------------------------
     @classmethod
     def from_json_file(cls, path: str | Path) -> PhiConfig:
-        """Read a ``config.json`` of any supported format."""
+        """Read a ``config.json`` of any supported format (a regular file of sane size: see ``docs/security.md``)."""
+        from phi_core.checkpoint import read_text_file  # checkpoint.py imports this module
+
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = json.loads(read_text_file(path))
+        except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
@@ -447,6 +450,8 @@ def _read_labels(raw: Mapping[str, Any]) -> dict[int, str]:
     id2label = raw.get("id2label")
     if id2label is None:
         count = _int(raw, "num_labels", 2)
+        if not 0 < count <= MAX_LABELS:
+            raise ConfigError(f"num_labels must be between 1 and {MAX_LABELS:,}, got {count:,}")
         return {i: f"LABEL_{i}" for i in range(count)}
     if not isinstance(id2label, dict) or not id2label:
         raise ConfigError(f"id2label must be a non-empty object, got {id2label!r}")

@@ -16,27 +16,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phi_core.checkpoint import (
-    PICKLE_INDEX,
-    SAFETENSORS,
-    SAFETENSORS_INDEX,
+    checkpoint_roots,
     iter_tensors,
+    read_checkpoint_text,
+    read_config,
     resolve_source,
-    shard_index,
+    tensor_shapes,
 )
 from phi_core.config import PhiConfig, detect_config_format
 from phi_core.errors import CheckpointError
-from phi_core.precision import FLOAT_DTYPES
-from phi_core.saving import atomic_folder, copy_tokenizer, with_dtype, write_config
+from phi_core.precision import FLOAT_DTYPES, dtype_name
+from phi_core.saving import atomic_folder, checked_output, copy_tokenizer, with_dtype, write_config
 from phi_core.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("phi_core")
@@ -198,6 +198,18 @@ def to_current_layout(
     return dict(convert_tensors(state.items(), config, layout, folder))
 
 
+def current_layout_shapes(
+    shapes: dict[str, tuple[int, ...]], config: PhiConfig, folder: Path
+) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a checkpoint renamed (and split) to the current layout, worked out on the meta device
+    from the shapes alone, so the weights can be checked against the config before any tensor is read."""
+    layout = detect_layout(shapes)
+    if layout == CURRENT:
+        return {HEAD_ALIASES.get(k, k): v for k, v in shapes.items()}
+    meta = ((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
+    return {name: tuple(tensor.shape) for name, tensor in convert_tensors(meta, config, layout, folder)}
+
+
 def convert_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], config: PhiConfig, layout_name: str, source: Path | str
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -303,15 +315,18 @@ def convert_checkpoint(
     ``force``). ``on_tensor(name, nbytes)`` is called for each tensor written (progress bars).
     """
 
+    from phi_core.loading import checked_meta_model  # loading.py imports this module
+
     folder = resolve_source(source, revision, weights=True)
-    output = Path(output)
-    if output.exists() and not force:
-        raise CheckpointError(f"{output}: already exists (use --force to replace it)")
+    target = _checked_output(output, folder, force)
     target_dtype = None if dtype == KEEP else FLOAT_DTYPES[dtype]
-    config = _read_source_config(folder)
-    keys = _tensor_names(folder)
-    layout = detect_layout(keys)
+    config = read_config(folder)
+    shapes = tensor_shapes(folder)
+    layout = detect_layout(shapes)
     _cross_check(layout, config, folder)
+    current = current_layout_shapes(shapes, config, folder)
+    task = head_of(current) or "causal-lm"
+    checked_meta_model(config, current, task, folder)  # names and shapes against the config, before writing
     config = _fill_token_ids(config)
     if target_dtype is not None:
         config = with_dtype(config, target_dtype)
@@ -323,40 +338,28 @@ def convert_checkpoint(
         if layout == CURRENT
         else convert_tensors(tensors, config, layout, folder)
     )
-    with atomic_folder(output, force=force) as staging:
+    with atomic_folder(target, force=force) as staging:
         written, total, shards = _write_shards(converted, staging, target_dtype, max_shard_size, on_tensor)
-        write_config(staging, config, head_of(written) or "causal-lm")
+        write_config(staging, config, task)
         copy_tokenizer(folder, staging)
         _check_tokenizer_copied(folder, staging, TOKENIZER_FILES)
-        diff = _verify(folder, staging) if verify else None
+        diff = _verify(folder, staging, output) if verify else None
     return ConversionReport(layout, len(written), total, shards, diff)
 
 
-def _read_source_config(folder: Path) -> PhiConfig:
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json")
-    return PhiConfig.from_json_file(folder / "config.json")
-
-
-def _tensor_names(folder: Path) -> list[str]:
-    """Tensor names without reading the tensors (safetensors headers; a pickle has to be opened)."""
-
-    for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
-        if (folder / index).is_file():
-            return sorted(key for keys in shard_index(folder / index).values() for key in keys)
-    if (folder / SAFETENSORS).is_file():
-        try:
-            with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
-                return sorted(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{folder / SAFETENSORS}: not a readable safetensors file ({exc})") from None
-    return sorted(name for name, _ in iter_tensors(folder))
+def _checked_output(output: str | Path, folder: Path, force: bool) -> Path:
+    """The resolved output, refused when it is, holds or lies inside the source checkpoint (replacing it would
+    delete the source), or is the current directory or one of its parents."""
+    target = checked_output(output, force)
+    if any(target.is_relative_to(root) or root.is_relative_to(target) for root in checkpoint_roots(folder)):
+        raise CheckpointError(f"{output}: is, holds or lies inside the source checkpoint {folder}; give another folder")
+    return target
 
 
 def _cross_check(layout: str, config: PhiConfig, folder: Path) -> None:
     """The weights' layout and the config's format must agree (remote keys go with remote configs)."""
 
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = json.loads(read_checkpoint_text(folder, "config.json"))
     remote_config = detect_config_format(raw).name != "hf"
     remote_weights = layout in ("mixformer-sequential", "phi-msft")
     if remote_config != remote_weights:
@@ -401,7 +404,7 @@ def _write_shards(
             shard, shard_bytes = {}, 0
 
     for name, tensor in tensors:
-        tensor = (tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)).contiguous()
+        tensor = _cast(name, tensor, dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
         if max_shard_size is not None and shard and shard_bytes + size > max_shard_size:
             flush()
@@ -424,14 +427,29 @@ def _write_shards(
     return placement, total, len(shard_files)
 
 
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype``; a value beyond the dtype's range (float16 stops at 65504) is an error, not an inf."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    overflow = torch.isinf(cast) & torch.isfinite(tensor)
+    if overflow.any():
+        largest = float(tensor[overflow].abs().max())
+        raise CheckpointError(
+            f"{name}: holds values up to {largest:.4g}, beyond {dtype_name(dtype)}'s range "
+            f"(+-{torch.finfo(dtype).max:.6g}); keep a wider --dtype"
+        )
+    return cast
+
+
 def _check_tokenizer_copied(source: Path, staging: Path, names: tuple[str, ...]) -> None:
     if not any((staging / name).is_file() for name in names):
         log.warning("note: %s has no tokenizer files; the converted checkpoint has none either", source)
 
 
-def _verify(source: Path, converted: Path) -> float:
+def _verify(source: Path, converted: Path, output: str | Path) -> float:
     """Max |logit difference| between the converted checkpoint and the source weights, both run in fp32 by
-    phi_core on the same fixed tokens."""
+    phi_core on the same fixed tokens; a non-finite difference (inf or nan logits) fails the conversion."""
     from phi_core.loading import load_model
 
     log.disabled = True  # the in-memory conversion notice would only repeat what the converter says
@@ -444,4 +462,9 @@ def _verify(source: Path, converted: Path) -> float:
     length = min(32, original.config.max_position_embeddings)
     ids = torch.randint(0, min(original.config.vocab_size, 50257), (2, length), generator=generator)
     with torch.no_grad():
-        return float((original(ids).logits - result(ids).logits).abs().max())
+        diff = float((original(ids).logits - result(ids).logits).abs().max())
+    if not math.isfinite(diff):
+        raise CheckpointError(
+            f"{output}: --verify found non-finite logits (max |logit difference| = {diff}); not saved"
+        )
+    return diff

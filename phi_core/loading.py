@@ -4,16 +4,17 @@ made on the meta device and the checkpoint's tensors are assigned into it one by
 from __future__ import annotations
 
 import os
-from collections.abc import KeysView
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from phi_core.attention import check_backend
-from phi_core.checkpoint import read_state_dict, resolve_source
+from phi_core.checkpoint import read_config, read_state_dict, resolve_source, tensor_shapes
 from phi_core.config import PhiConfig
-from phi_core.convert import HEADS, head_of, to_current_layout
-from phi_core.errors import CheckpointError
+from phi_core.convert import HEADS, current_layout_shapes, head_of, to_current_layout
+from phi_core.errors import CheckpointError, PhiError
 from phi_core.linear import PhiLinear
 from phi_core.model import TASK_MODELS, PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES, Precision, checkpoint_dtype, choose_precision
@@ -39,18 +40,57 @@ def load_model(
         raise ValueError(f"unknown task {task!r} (choose one of {', '.join(TASK_MODELS)})")
     if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPE_CHOICES)})")
+    check_device(device)
     folder = resolve_source(source, revision, weights=True)
-    config = PhiConfig.from_json_file(folder / "config.json")
+    config = read_config(folder)
+    model = checked_meta_model(config, current_layout_shapes(tensor_shapes(folder), config, folder), task, folder)
     state = to_current_layout(read_state_dict(folder), config, task, folder)
+    if model.config.tie_word_embeddings and hasattr(model, "lm_head"):
+        state.pop("lm_head.weight", None)  # a tied head reuses the embedding; a stored copy is redundant
     source_dtype = checkpoint_dtype(state.values())
     precision = choose_precision(dtype, device, source_dtype)
     check_backend(attn, device, precision.compute)
-    with torch.device("meta"):
-        model = TASK_MODELS[task](config)
-    _check_names(model, state, folder)
     place_weights(model, state, precision, device, source_dtype)
     model.set_attention_backend(attn)
     return model.eval().requires_grad_(False)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, once it is known to exist here: a bad name, a PyTorch or machine without CUDA,
+    or a GPU index out of range is one PhiError rather than a traceback from deep inside PyTorch."""
+    shown = f"device {str(device)!r}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PhiError(f"{shown}: not a device name (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None or torch.version.hip is not None
+            reason = "no CUDA GPU is visible" if built else "this PyTorch was built without CUDA"
+            raise PhiError(f"{shown}: CUDA is not available ({reason}); use --device cpu")
+        count = torch.cuda.device_count()
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PhiError(f"{shown}: MPS is not available on this machine; use --device cpu")
+        count = 1
+    else:
+        raise PhiError(f"{shown}: phi runs on cpu, cuda or mps, not {parsed.type}")
+    if parsed.index is not None and parsed.index >= count:
+        raise PhiError(f"{shown}: no such device (this machine has {count} {parsed.type} device(s))")
+    return parsed
+
+
+def check_tokenizer_fits(config: PhiConfig, tokenizer: PhiTokenizer) -> None:
+    """Every id the tokenizer can produce must be a row of the model's embedding. (More rows than ids is normal:
+    phi-2 pads its 50,295 ids to 51,200 rows.)"""
+    ids = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if ids > config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.name or 'tokenizer'}: tokenizer has {ids} ids but the model has only {config.vocab_size} "
+            "embedding rows (vocab_size in config.json)"
+        )
 
 
 def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) -> PhiTokenizer:
@@ -96,26 +136,59 @@ def storage_dtypes(model: PhiPreTrained, precision: Precision, source: torch.dty
     return dtypes
 
 
-def _check_names(model: PhiPreTrained, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Check names and shapes against the model (a tied head's stored copy is dropped: it reuses the embedding)."""
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
-    if tied:
-        state.pop("lm_head.weight", None)  # tied heads reuse the embedding; a stored copy is redundant
-        expected.pop("lm_head.weight")
-    _check_head(type(model), state.keys(), folder)
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not fit the config: {_describe_mismatch(missing, unexpected)}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checked_meta_model(
+    config: PhiConfig, shapes: Mapping[str, tuple[int, ...]], task: str, folder: Path
+) -> PhiPreTrained:
+    """The model for ``task`` on the meta device, built only once the config's sizes agree with the weights' shapes
+    (current-layout names, from the headers), and with every parameter name and shape checked against them."""
+    _check_sizes(config, shapes, task, folder)
+    with torch.device("meta"):
+        model = TASK_MODELS[task](config)
+    _check_names(model, shapes, folder)
+    return model
+
+
+def _check_sizes(config: PhiConfig, shapes: Mapping[str, tuple[int, ...]], task: str, folder: Path) -> None:
+    """The config's sizes against the weights before anything is built from them: a config.json that claims 10**9
+    layers would otherwise build 10**9 modules."""
+    layers = {int(found.group(1)) for name in shapes if (found := _LAYER.match(name))}
+    if len(layers) != config.num_hidden_layers:
+        raise CheckpointError(
+            f"{folder}: config.json says num_hidden_layers = {config.num_hidden_layers}, "
+            f"but the weights hold {len(layers)} layers"
+        )
+    implied = {"model.embed_tokens.weight": ((config.vocab_size, config.hidden_size), "vocab_size and hidden_size")}
+    if task != "causal-lm":
+        implied["score.weight"] = ((config.num_labels, config.hidden_size), "num_labels and hidden_size")
+    for name, (shape, fields) in implied.items():
+        if name in shapes and tuple(shapes[name]) != shape:
             raise CheckpointError(
-                f"{folder}: {name} has shape {list(tensor.shape)}, the config implies {list(expected[name])}"
+                f"{folder}: {name} has shape {list(shapes[name])}, but config.json's {fields} imply {list(shape)}"
             )
 
 
-def _check_head(model_class: type[PhiPreTrained], keys: KeysView[str], folder: Path) -> None:
+def _check_names(model: PhiPreTrained, shapes: Mapping[str, tuple[int, ...]], folder: Path) -> None:
+    """Check names and shapes against the model (a tied head's stored copy is ignored: it reuses the embedding)."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    found = dict(shapes)
+    if model.config.tie_word_embeddings and "lm_head.weight" in expected:
+        found.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    _check_head(type(model), found, folder)
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the config: {_describe_mismatch(missing, unexpected)}")
+    for name, shape in found.items():
+        if tuple(shape) != expected[name]:
+            implied = list(expected[name])
+            raise CheckpointError(f"{folder}: {name} has shape {list(shape)}, the config implies {implied}")
+
+
+def _check_head(model_class: type[PhiPreTrained], keys: Iterable[str], folder: Path) -> None:
     wanted = next(task for task, cls in TASK_MODELS.items() if cls is model_class)
     found = head_of(keys)
     if found == wanted:

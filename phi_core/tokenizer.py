@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from phi_core.checkpoint import TEXT_LIMIT, checkpoint_file, first_line, has_file, read_checkpoint_text
 from phi_core.errors import CheckpointError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -70,33 +71,39 @@ class PhiTokenizer:
 
 
 def tokenizer_from_folder(folder: Path) -> PhiTokenizer:
-    """Load the tokenizer files of a checkpoint folder."""
-    if (folder / "tokenizer.json").is_file():
+    """Load the tokenizer files of a checkpoint folder (each must be a regular file inside the checkpoint: see
+    :func:`phi_core.checkpoint.checkpoint_file`)."""
+    if has_file(folder, "tokenizer.json"):
+        text = read_checkpoint_text(folder, "tokenizer.json")
         try:
-            return PhiTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), str(folder))
+            backend = Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises plain Exception subclasses for malformed files
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot be read ({exc})") from None
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot be read ({first_line(exc)})") from None
+        return PhiTokenizer(backend, str(folder))
+    if has_file(folder, "vocab.json") and has_file(folder, "merges.txt"):
         return PhiTokenizer(_tokenizer_from_vocab(folder), str(folder))
     raise CheckpointError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
 
 
 def _tokenizer_from_vocab(folder: Path) -> Tokenizer:
     """Rebuild the fast tokenizer from the slow CodeGen files, as transformers does."""
+    vocab, merges = (checkpoint_file(folder, name, TEXT_LIMIT) for name in ("vocab.json", "merges.txt"))
     try:
-        bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        bpe = models.BPE.from_file(str(vocab), str(merges))
     except Exception as exc:
-        raise CheckpointError(f"{folder}: vocab.json/merges.txt cannot be read ({exc})") from None
+        raise CheckpointError(f"{folder}: vocab.json/merges.txt cannot be read ({first_line(exc)})") from None
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     added_path = folder / "added_tokens.json"
     added: dict[str, int] = {}
-    if added_path.is_file():
+    if has_file(folder, "added_tokens.json"):
         try:
-            added = json.loads(added_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            added = json.loads(read_checkpoint_text(folder, "added_tokens.json"))
+        except json.JSONDecodeError as exc:
             raise CheckpointError(f"{added_path}: not valid JSON ({exc})") from None
+        if not isinstance(added, dict) or not all(isinstance(v, int) for v in added.values()):
+            raise CheckpointError(f"{added_path}: expected an object of token -> id")
     # Added tokens must be registered in id order, since tokenizers assigns the next free id to each.
     for content, token_id in sorted(added.items(), key=lambda item: item[1]):
         if tokenizer.token_to_id(content) == token_id:
