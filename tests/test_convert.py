@@ -268,7 +268,7 @@ def test_missing_config(tmp_path):
     _, source = build_old(tmp_path, "C-rotary-0.4-safetensors")
     (source / "config.json").unlink()
     result = run([str(source), str(tmp_path / "out")])
-    assert result.exit_code == 1 and "no config.json" in result.stderr
+    assert result.exit_code == 1 and "config.json: no such file" in result.stderr
 
 
 def test_unknown_key_is_named(tmp_path):
