@@ -6,13 +6,16 @@ line, not a traceback. So this module imports only the standard library, and imp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
-# Signals that end phi like Ctrl-C does: an exception unwinds the stack, so `finally` blocks (a half-written
-# `phi convert` staging folder) clean up. SIGINT keeps Python's own handler (KeyboardInterrupt).
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Signals that end phi. Once the CLI is imported, an exception unwinds the stack so that `finally` blocks (a
+# half-written `phi convert` staging folder) clean up: KeyboardInterrupt for SIGINT, Terminated for the others.
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in phi (or a broken installation), not in what the user asked
 
 
 class Terminated(BaseException):
@@ -32,28 +35,50 @@ def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
-def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into :class:`Terminated`, unless the parent asked for them to be ignored."""
-    for signum in TERMINATING_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup phi ...` keeps ignoring SIGHUP
-            signal.signal(signum, raise_terminated)
+def exit_at_once(signum: int, _frame: object) -> None:
+    """While the CLI imports there is nothing to clean up, and an exception raised inside torch's import can
+    abort the process (C++ code calling back into Python), so leave at once, with the same one line."""
+    ending = Terminated(signum)
+    message = "interrupted" if signum == signal.SIGINT else f"terminated by {ending}"
+    newline = "\n" if os.isatty(2) else ""  # end the line the terminal's ^C echo is on
+    with contextlib.suppress(OSError):  # stderr closed: the exit code still tells
+        os.write(2, f"{newline}error: {message}\n".encode())
+    os._exit(130 if signum == signal.SIGINT else ending.exit_code)
+
+
+def install_signal_handlers(importing: bool = False) -> None:
+    """Handlers for SIGINT, SIGTERM and SIGHUP (those the parent left ignored stay ignored: `nohup phi ...`):
+    :func:`exit_at_once` while ``importing``, then KeyboardInterrupt and :class:`Terminated`."""
+    for signum in ENDING_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue
+        if importing:
+            signal.signal(signum, exit_at_once)
+        else:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else raise_terminated)
 
 
 def main() -> None:
     """Run the `phi` command: ``phi --help`` lists the subcommands."""
-    install_signal_handlers()
+    install_signal_handlers(importing=True)
     if not _is_open(1):
         _print_error("stdout is closed (results are written there; redirect it to a file or /dev/null instead)")
         sys.exit(1)
     _replace_missing_streams()
-    sys.exit(_flush_stdout(_run_cli()))
-
-
-def _run_cli() -> int:
-    """The exit code of the CLI; interrupts that arrive while it is still importing end in one line too."""
     try:
         from phi_cli.main import app
+    except Exception as exc:  # a broken installation is one line too
+        if os.environ.get("PHI_DEBUG"):
+            raise
+        _print_error(f"internal error: cannot load the CLI: {type(exc).__name__}: {exc} (PHI_DEBUG=1 shows where)")
+        sys.exit(INTERNAL_ERROR)
+    install_signal_handlers()
+    sys.exit(_flush_stdout(_run_cli(app)))
 
+
+def _run_cli(app: Callable[[], object]) -> int:
+    """The exit code of the CLI (PhiGroup turns errors into one line; an interrupt can come before it runs)."""
+    try:
         app()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)

@@ -14,10 +14,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from phi_cli.entry import Terminated
+from phi_cli.entry import INTERNAL_ERROR, Terminated
 from phi_core.errors import PhiError
-
-INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in phi, not in what the user asked
 
 
 class UsageProblem(Exception):

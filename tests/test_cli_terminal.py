@@ -12,6 +12,7 @@ import inspect
 import json
 import pkgutil
 import signal
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cli_harness import Signal, run_phi
 from typer.testing import CliRunner
 
 import phi_core
-from phi_cli import errors
+from phi_cli import entry, errors
 from phi_cli.errors import EXIT_CODES, INTERNAL_ERROR, exit_code_for
 from phi_cli.main import app
 from phi_core.errors import PhiError
@@ -222,6 +223,16 @@ def test_every_exception_the_cli_can_meet_has_an_exit_code():
         assert exit_code_for(exc) is not None, exc
     assert all(exit_code_for(cls("x")) == 1 for cls in classes)
     assert EXIT_CODES[-1] == (Exception, INTERNAL_ERROR)
+
+
+def test_cli_that_cannot_be_imported_is_one_internal_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(entry, "install_signal_handlers", lambda importing=False: None)  # pytest keeps its own
+    monkeypatch.setitem(sys.modules, "phi_cli.main", None)  # importing it now raises ImportError
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: internal error: cannot load the CLI: ModuleNotFoundError: ") and err.count("\n") == 1
 
 
 def test_unexpected_error_is_one_internal_error_line(monkeypatch):
