@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from phi_core.checkpoint import has_file, read_checkpoint_text
 from phi_core.errors import ConfigError
 from phi_core.generation import GenerationParams, SamplingParams
 
@@ -95,18 +96,17 @@ class GenerationDefaults:
 def generation_defaults(folder: Path) -> GenerationDefaults:
     """A checkpoint folder's generation settings: ``generation_config.json``, or else the generation keys of
     ``config.json`` (old checkpoints kept them there, and transformers still reads them)."""
-    if (folder / GENERATION_CONFIG).is_file():
-        return GenerationDefaults.from_dict(_read_json(folder / GENERATION_CONFIG), str(folder / GENERATION_CONFIG))
-    if (folder / "config.json").is_file():
-        return GenerationDefaults.from_dict(_read_json(folder / "config.json"), str(folder / "config.json"), True)
+    for name, legacy in ((GENERATION_CONFIG, False), ("config.json", True)):
+        if has_file(folder, name):
+            return GenerationDefaults.from_dict(_read_json(folder, name), str(folder / name), legacy)
     return GenerationDefaults()
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(folder: Path, name: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        return json.loads(read_checkpoint_text(folder, name))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{folder / name}: not valid JSON ({exc})") from None
 
 
 @dataclass(frozen=True)
