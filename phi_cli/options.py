@@ -33,15 +33,15 @@ ModelOpt = Annotated[
 RevisionOpt = Annotated[
     str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL_PANEL)
 ]
-Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"]
 assert get_args(Dtype) == DTYPE_CHOICES
 Backend = Literal["eager", "sdpa", "flash_attention_2"]
 assert get_args(Backend) == ATTENTION_BACKENDS
 DtypeOpt = Annotated[
     Dtype | None,
     typer.Option(
-        help="Weight dtype. On a CPU, 16-bit and int8 weights are multiplied in float32 (half or a quarter of the "
-        "bytes per token); auto keeps the checkpoint's own precision.",
+        help="Weight dtype. On a CPU, 16-bit, int8 and int4 weights are multiplied with float32 activations (a "
+        "half, a quarter or an eighth of the bytes per token); auto keeps the checkpoint's own precision.",
         show_default="auto on CPU, float16 on CUDA",
         rich_help_panel=MODEL_PANEL,
     ),

@@ -1,9 +1,10 @@
 """Which numbers a model holds and computes with: ``--dtype`` resolved against the device and the checkpoint.
 
-On a CPU the weights' storage is separate from the compute dtype: 16-bit and int8 weights are multiplied by
-fbgemm's kernels with float32 activations (see :mod:`phi_core.linear` for the measurements), so every matrix is
-read at half or a quarter of float32's bytes while LayerNorm, attention, the KV cache and the logits stay
-float32. On a GPU the weights and the compute share one dtype, as usual.
+On a CPU the weights' storage is separate from the compute dtype: 16-bit, int8 and int4 weights are multiplied by
+phi_core's compiled kernels (or, without a compiler, fbgemm's) with float32 activations (see
+:mod:`phi_core.kernels` and :mod:`phi_core.linear`), so every matrix is read at a half, a quarter or an eighth of
+float32's bytes while LayerNorm, attention, the KV cache and the logits stay float32. On a GPU the weights and the
+compute share one dtype, as usual.
 """
 
 from __future__ import annotations
@@ -14,38 +15,73 @@ from dataclasses import dataclass
 
 import torch
 
+from phi_core import kernels as compiled
 from phi_core.errors import PhiError
-from phi_core.linear import WeightFormat, packed_formats_available
+from phi_core.linear import INT4_GROUP, WeightFormat, packed_formats_available
 
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16", "int8")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZED = ("int8", "int4")
 
 
 @dataclass(frozen=True)
 class Precision:
-    """The resolved choice. ``weights`` names the values the matrices hold, ``weight_format`` their storage."""
+    """The resolved choice. ``weights`` names the values the matrices hold, ``weight_format`` their storage, and
+    ``choice`` the products that serve them on this CPU (None on a GPU, where torch's own serve)."""
 
     requested: str
     compute: torch.dtype
     weights: str
     weight_format: WeightFormat
     embedding: torch.dtype
+    choice: compiled.Choice | None = None
 
     def describe(self) -> str:
-        """One line for ``--stats``: what was picked, and how it runs."""
+        """One line for ``--stats``: what was picked, and which products run it."""
         compute = dtype_name(self.compute)
-        if self.weight_format == "dense":
+        fmt = self.weight_format
+        if fmt == "dense":
             text = f"{self.weights} weights and compute"
-        elif self.weight_format == "float16":
+        elif fmt == "fbgemm-fp16":
             held = "" if self.weights == "float16" else ", held as float16"
             text = f"{self.weights} weights{held} (fbgemm packed), {compute} compute"
-        else:
+        elif fmt == "fbgemm-int8":
             text = f"int8 weights (fbgemm packed, a scale per row, activations quantized per call), {compute} compute"
+        elif fmt == "tiles-int8":
+            text = f"int8 weights (a scale per row, activations quantized per call), {compute} compute"
+        elif fmt == "tiles-int4":
+            text = (
+                f"int4 weights (a float16 scale per {INT4_GROUP} inputs, activations quantized per call), "
+                f"{compute} compute"
+            )
+        else:
+            text = f"{self.weights} weights, {compute} compute"
+        if self.choice is not None and (fmt != "dense" or self.choice.few != "torch"):
+            text += f"; {self.kernel_text()}"
         return f"auto: {text}" if self.requested == "auto" else text
+
+    def kernel_text(self) -> str:
+        """Which products serve the matrices: ``phi avx512 bf16`` or ``phi avx512 f32 up to 16 rows, torch mkl
+        beyond`` (small matrices, which stay dense float32, use torch's)."""
+        if self.choice is None:
+            return "torch"
+        if self.choice.few == self.choice.many:
+            return self.choice.few
+        return f"{self.choice.few} up to {self.choice.few_rows} rows, {self.choice.many} beyond"
+
+    def kernels(self) -> dict[str, object]:
+        """What ``--json`` reports: the weights, their storage, the products for few and many rows, the CPU."""
+        report: dict[str, object] = {"weights": self.weights, "storage": self.weight_format}
+        if self.choice is not None:
+            report |= {"decode": self.choice.few, "prefill": self.choice.many, "few_rows": self.choice.few_rows}
+            if self.weight_format == "tiles-int4":
+                report["group"] = INT4_GROUP
+            report["cpu"] = compiled.cpu_info().describe()
+        return report
 
     def round_to(self) -> torch.dtype | None:
         """The dtype packed weights are rounded to before packing (bfloat16 models keep bfloat16 values)."""
-        return torch.bfloat16 if self.weights == "bfloat16" and self.weight_format == "float16" else None
+        return torch.bfloat16 if self.weights == "bfloat16" and self.weight_format == "fbgemm-fp16" else None
 
     def staging(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         """The dtype matrices are held in between reading and packing (half of float32's memory for 16 bits)."""
@@ -68,25 +104,31 @@ def choose_precision(
     """Resolve ``requested`` (one of :data:`DTYPE_CHOICES` or a torch dtype) for ``device``.
 
     ``auto`` keeps the checkpoint's own precision (nothing is rounded away) in the fastest form for the device:
-    a 16-bit checkpoint on a CPU gets 16-bit packed weights with float32 compute, a float32 one stays float32.
+    a 16-bit checkpoint on a CPU gets 16-bit weights with float32 compute, a float32 one stays float32. It never
+    picks int8 or int4, which round the weights.
     """
     if isinstance(requested, torch.dtype):
         requested = dtype_name(requested)
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {requested!r} (choose one of {', '.join(DTYPE_CHOICES)})")
     on_cpu = torch.device(device).type == "cpu"
-    packable = on_cpu and packed_formats_available()
     wanted = requested
     if requested == "auto":
         wanted = dtype_name(checkpoint_dtype) if checkpoint_dtype in FLOAT_DTYPES.values() else "float32"
-    if wanted == "int8":
-        if not packable:
-            raise PhiError("--dtype int8 runs on a CPU with fbgemm only (use float16 or bfloat16 on a GPU)")
-        return Precision(requested, torch.float32, "int8", "int8", torch.float16)
+    if not on_cpu:
+        if wanted in QUANTIZED:
+            raise PhiError(f"--dtype {wanted} runs on a CPU only (use float16 or bfloat16 on a GPU)")
+        return unpacked(FLOAT_DTYPES[wanted], requested)
+    choice = compiled.choose(wanted)
+    storage = choice.storage
+    if storage.startswith("fbgemm") and not packed_formats_available():
+        if wanted == "int8":
+            raise PhiError("--dtype int8 needs phi_core's compiled kernels or a torch build with fbgemm")
+        return unpacked(FLOAT_DTYPES[wanted], requested)
+    if wanted in QUANTIZED:
+        return Precision(requested, torch.float32, wanted, storage, torch.float16, choice)
     dtype = FLOAT_DTYPES[wanted]
-    if dtype == torch.float32 or not packable:
-        return unpacked(dtype, requested)
-    return Precision(requested, torch.float32, wanted, "float16", dtype)
+    return Precision(requested, torch.float32, wanted, storage, dtype, choice)
 
 
 def checkpoint_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from phi_cli.main import app
 from phi_core.bench import SHAPES, BenchSettings, random_model, run_benchmark
+from phi_core.kernels import choose
 from phi_core.linear import packed_formats_available
 
 ROW_FIELDS = {
@@ -178,8 +179,10 @@ def test_generate_mode_compares_dtypes_with_transformers(lm_checkpoint, pack_sma
     assert rows["phi_core", "float32"].weight_bytes_per_step == 4 * linear_params
     assert rows["transformers", "float32"].weight_bytes_per_step == 4 * linear_params
     assert rows["phi_core", "bfloat16"].weight_bytes_per_step == 2 * linear_params
-    # A byte per weight and a float64 scale per output row.
-    assert rows["phi_core", "int8"].weight_bytes_per_step == linear_params + 8 * sum(m.out_features for m in linears)
+    # A byte per weight and a scale per output row: float32 in phi_core's tiles, float64 in fbgemm's packing.
+    scale_bytes = 4 if choose("int8").storage == "tiles-int8" else 8
+    int8_bytes = linear_params + scale_bytes * sum(m.out_features for m in linears)
+    assert rows["phi_core", "int8"].weight_bytes_per_step == int8_bytes
     for row in rows.values():
         assert row.weight_gb_per_s > 0
     assert report.decode_speedup(rows["transformers", "float32"]) == 1.0

@@ -14,12 +14,16 @@ from typer.testing import CliRunner
 
 import phi_core
 from phi_cli.main import app
+from phi_core import kernels
 from phi_core.errors import PhiError
 from phi_core.generation import GenerationParams, generate
 from phi_core.linear import PhiLinear, packed_formats_available, quantize_rows
 from phi_core.precision import choose_precision
 
 needs_fbgemm = pytest.mark.skipif(not packed_formats_available(), reason="this torch build has no fbgemm")
+needs_kernels = pytest.mark.skipif(
+    kernels.library(kernels.cpu_info().level) is None, reason="phi_core's kernels cannot be compiled here"
+)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -29,23 +33,46 @@ def _pack_everything(pack_small_matrices: None) -> None:
     """The packed paths are what these tests check: the tiny test models' matrices are packed too."""
 
 
-@needs_fbgemm
-@pytest.mark.parametrize(
-    ("requested", "checkpoint", "weights", "weight_format"),
-    [
-        ("auto", F32, "float32", "dense"),
-        ("auto", F16, "float16", "float16"),
-        ("auto", BF16, "bfloat16", "float16"),
-        ("float32", F16, "float32", "dense"),
-        ("bfloat16", F32, "bfloat16", "float16"),
-        ("float16", BF16, "float16", "float16"),
-        ("int8", F16, "int8", "int8"),
-        (torch.bfloat16, F32, "bfloat16", "float16"),
-    ],
-)
-def test_cpu_choices(requested, checkpoint, weights, weight_format):
+@pytest.fixture
+def no_kernels(monkeypatch: pytest.MonkeyPatch):
+    """phi_core's compiled kernels turned off, as on a machine without a compiler: torch's products serve."""
+    monkeypatch.setenv("PHI_KERNELS", "0")
+    kernels.library.cache_clear()
+    yield
+    kernels.library.cache_clear()
+
+
+CPU_CHOICES = [
+    # requested, checkpoint, weights, storage with phi_core's kernels, storage with torch's (fbgemm) products
+    ("auto", F32, "float32", "dense", "dense"),
+    ("auto", F16, "float16", "rows-f16", "fbgemm-fp16"),
+    ("auto", BF16, "bfloat16", "rows-bf16", "fbgemm-fp16"),
+    ("float32", F16, "float32", "dense", "dense"),
+    ("bfloat16", F32, "bfloat16", "rows-bf16", "fbgemm-fp16"),
+    ("float16", BF16, "float16", "rows-f16", "fbgemm-fp16"),
+    ("int8", F16, "int8", "tiles-int8", "fbgemm-int8"),
+    ("int4", F16, "int4", "tiles-int4", "tiles-int4"),
+    (torch.bfloat16, F32, "bfloat16", "rows-bf16", "fbgemm-fp16"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("requested", "checkpoint", "weights", "storage", "fallback"), CPU_CHOICES)
+def test_cpu_choices(requested, checkpoint, weights, storage, fallback):
     precision = choose_precision(requested, "cpu", checkpoint)
-    assert (precision.weights, precision.weight_format, precision.compute) == (weights, weight_format, F32)
+    assert (precision.weights, precision.weight_format, precision.compute) == (weights, storage, F32)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize(("requested", "checkpoint", "weights", "storage", "fallback"), CPU_CHOICES)
+def test_cpu_choices_without_kernels(no_kernels, requested, checkpoint, weights, storage, fallback):
+    precision = choose_precision(requested, "cpu", checkpoint)
+    assert (precision.weights, precision.weight_format, precision.compute) == (weights, fallback, F32)
+
+
+def test_auto_never_picks_a_quantized_format():
+    for checkpoint in (F32, F16, BF16, torch.int8, torch.uint8):
+        assert choose_precision("auto", "cpu", checkpoint).weights in ("float32", "float16", "bfloat16")
 
 
 def test_gpu_choices_keep_one_dtype_for_weights_and_compute():
@@ -54,16 +81,36 @@ def test_gpu_choices_keep_one_dtype_for_weights_and_compute():
     assert choose_precision("bfloat16", "cuda").compute == BF16
     with pytest.raises(PhiError, match="int8 runs on a CPU"):
         choose_precision("int8", "cuda")
+    with pytest.raises(PhiError, match="int4 runs on a CPU"):
+        choose_precision("int4", "cuda")
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         choose_precision("float8", "cpu")
 
 
-@needs_fbgemm
-def test_describe_says_what_auto_picked():
-    assert choose_precision("auto", "cpu", F16).describe() == ("auto: float16 weights (fbgemm packed), float32 compute")
-    assert choose_precision("bfloat16", "cpu").describe() == (
-        "bfloat16 weights, held as float16 (fbgemm packed), float32 compute"
+@needs_kernels
+def test_describe_says_what_auto_picked_and_which_kernel_serves_it():
+    level = kernels.cpu_info().level
+    assert choose_precision("auto", "cpu", F16).describe() == (
+        f"auto: float16 weights, float32 compute; phi {level} f16"
     )
+    assert choose_precision("float32", "cpu").describe() == (
+        f"float32 weights and compute; phi {level} f32 up to 16 rows, torch mkl beyond"
+    )
+    int4 = choose_precision("int4", "cpu")
+    assert int4.describe().startswith("int4 weights (a float16 scale per 64 inputs, activations quantized per call)")
+    report = int4.kernels()
+    assert report["storage"] == "tiles-int4" and report["decode"] == f"phi {level} q4" and report["group"] == 64
+
+
+@needs_fbgemm
+def test_describe_without_kernels(no_kernels):
+    assert choose_precision("auto", "cpu", F16).describe() == (
+        "auto: float16 weights (fbgemm packed), float32 compute; fbgemm fp16"
+    )
+    assert choose_precision("bfloat16", "cpu").describe() == (
+        "bfloat16 weights, held as float16 (fbgemm packed), float32 compute; fbgemm fp16"
+    )
+    assert choose_precision("float32", "cpu").describe() == "float32 weights and compute"
 
 
 def _reference_logits(reference: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,20 +134,26 @@ def test_16_bit_weights_compute_like_float32_on_the_rounded_weights(make_checkpo
     ours = phi_core.load_model(folder, dtype=dtype)
     assert ours.compute_dtype == F32
     linears = [m for m in ours.modules() if isinstance(m, PhiLinear)]
-    assert linears and all(m.weight_format == "float16" and m.weight is None for m in linears)
+    assert linears and all(m.packed is not None and m.weight is None for m in linears)
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
     expected = _reference_logits(reference, ids, getattr(torch, dtype))
     assert (ours(ids).logits - expected).abs().max() <= 1e-4
 
 
 @needs_fbgemm
-def test_16_bit_weights_over_float16_range_are_refused(make_checkpoint):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_weights_over_float16_range(make_checkpoint, dtype):
+    """Refused where the weights would be held as float16; kept where they are true bfloat16."""
     reference, folder = make_checkpoint()
     with torch.no_grad():
         reference.model.layers[0].mlp.fc1.weight[0, 0] = 1e5
     reference.save_pretrained(folder)
-    with pytest.raises(PhiError, match="does not fit in 16 bits here; use --dtype float32"):
-        phi_core.load_model(folder, dtype="bfloat16")
+    if choose_precision(dtype, "cpu").weight_format in ("rows-f16", "fbgemm-fp16"):
+        with pytest.raises(PhiError, match="does not fit in 16 bits here; use --dtype float32"):
+            phi_core.load_model(folder, dtype=dtype)
+    else:
+        model = phi_core.load_model(folder, dtype=dtype)
+        assert float(model.model.layers[0].mlp.fc1.unpacked_rows(0, 16)[0, 0]) == 99840.0  # 1e5 in bfloat16
 
 
 def test_quantize_rows_is_symmetric_per_row_within_half_a_step():
@@ -117,7 +170,8 @@ def test_int8_logits_stay_close_on_random_weights(make_checkpoint):
     _, folder = make_checkpoint()
     full = phi_core.load_model(folder, dtype="float32")
     int8 = phi_core.load_model(folder, dtype="int8")
-    assert int8.model.layers[0].mlp.fc1.stored_bytes() == 64 * 128 + 8 * 128  # a byte a weight, a scale a row
+    scale_bytes = 4 if int8.precision.weight_format == "tiles-int8" else 8  # float32 here, float64 in fbgemm's
+    assert int8.model.layers[0].mlp.fc1.stored_bytes() == 64 * 128 + scale_bytes * 128  # a byte a weight
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(4))
     expected, got = full(ids).logits, int8(ids).logits
     # Weight and activation rounding: small against the logits' own spread, but not 1e-4.
@@ -162,7 +216,7 @@ def test_cli_reports_the_precision(lm_checkpoint):
     result = runner.invoke(app, [*args, "--dtype", "int8"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["dtype"] == "int8"
-    assert "int8 weights (fbgemm packed" in result.stderr
+    assert "int8 weights (" in result.stderr
     result = runner.invoke(app, args)  # auto on a float32 checkpoint
     assert json.loads(result.stdout)["dtype"] == "float32"
     assert "auto: float32 weights and compute" in result.stderr
@@ -172,7 +226,7 @@ def test_cli_reports_the_precision(lm_checkpoint):
 
 @needs_fbgemm
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_matrices_packed_in_blocks_compute_the_same(make_checkpoint, monkeypatch, dtype):
+def test_matrices_packed_in_blocks_compute_the_same(no_kernels, make_checkpoint, monkeypatch, dtype):
     _, folder = make_checkpoint()
     whole = phi_core.load_model(folder, dtype=dtype)
     monkeypatch.setattr(phi_core.linear, "PACK_BLOCK_ELEMENTS", 64 * 50)  # 50 output rows a block

@@ -1,0 +1,500 @@
+// phi_core's CPU products: y = x @ W^T (+ bias), float32 activations x (M, K) and output y (M, N).
+//
+// Weights (see phi_core/kernels.py for the layouts, which Python packs):
+//   f32, bf16, f16: row-major (N, K), as torch holds them; converted to float32 in registers, float32 FMA.
+//   q8: int8 per output row (scale = max|w| / 127), stored as w + 128 in tiles of 16 rows (4 k-values a row per
+//       32-bit lane), so one AVX-512 VNNI instruction does 16 rows x 4 k-values.
+//   q4: 4-bit per group of G inputs along k (w = d * (q - 8), q in 0..15, one float16 d per row and group),
+//       tiles of 16 rows, 64-byte chunks of 16 rows x 8 k-values (low nibbles k0..3, high nibbles k4..7).
+// The integer formats quantize the activations of each call to int8 in blocks of 32 values (scale per block,
+// as llama.cpp's q8_0) and multiply with integer dot products; per block the int32 sums become float.
+//
+// Compiled twice by phi_core/kernels.py: -march=x86-64-v3 (AVX2, FMA, F16C) and x86-64-v4 with AVX-512 VNNI.
+// Threads: OpenMP, which resolves to the libgomp torch has loaded (one thread pool for torch and these kernels).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define PHI_AVX512 1
+#define PHI_LEVEL 2
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PHI_AVX2 1
+#define PHI_LEVEL 1
+#else
+#error "phi_core kernels need AVX2 + FMA + F16C, or AVX-512 with VNNI"
+#endif
+
+namespace {
+
+constexpr int64_t QBLOCK = 32;  // activation quantization block
+constexpr int64_t TILE = 16;    // output rows per tile of the integer formats
+
+inline int32_t load_i32(const void* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// Split [0, count) into nthreads contiguous parts; this thread's part.
+inline void share(int64_t count, int64_t& begin, int64_t& end) {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t base = count / threads, extra = count % threads;
+    begin = id * base + std::min(id, extra);
+    end = begin + base + (id < extra ? 1 : 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activation quantization: x (M, K) -> q (M, Kp) int8, per 32-value block a scale d and the sum of q.
+// ---------------------------------------------------------------------------------------------------------------
+void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* d, int32_t* s) {
+    for (int64_t b = 0; b < Kp / QBLOCK; ++b) {
+        float block[QBLOCK];
+        const int64_t start = b * QBLOCK, valid = std::max<int64_t>(0, std::min(QBLOCK, K - start));
+        for (int64_t i = 0; i < QBLOCK; ++i) block[i] = i < valid ? x[start + i] : 0.0f;
+        int32_t sum = 0;
+#if PHI_AVX512
+        const __m512 a = _mm512_loadu_ps(block), c = _mm512_loadu_ps(block + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        const float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inverse)));
+        const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(inverse)));
+        _mm_storeu_si128((__m128i*)(q + start), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i*)(q + start + 16), _mm512_cvtsepi32_epi8(qc));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+#else
+        float amax = 0.0f;
+        for (int64_t i = 0; i < QBLOCK; ++i) amax = std::max(amax, std::fabs(block[i]));
+        const float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        for (int64_t i = 0; i < QBLOCK; ++i) {
+            const int32_t v = (int32_t)std::nearbyint(block[i] * inverse);
+            q[start + i] = (int8_t)v;
+            sum += v;
+        }
+#endif
+        d[b] = scale;
+        s[b] = sum;
+    }
+}
+
+struct Quantized {
+    std::vector<int8_t> q;
+    std::vector<float> d;
+    std::vector<int32_t> s;
+    int64_t Kp = 0, blocks = 0;
+};
+
+// One scratch per calling thread: the server may call from several Python threads.
+Quantized& quantize(const float* x, int64_t M, int64_t K, int64_t Kp, int nthreads) {
+    thread_local Quantized scratch;
+    Quantized& buffer = scratch;  // the caller's: inside the parallel loop `scratch` would name each thread's own
+    buffer.Kp = Kp;
+    buffer.blocks = Kp / QBLOCK;
+    if ((int64_t)buffer.q.size() < M * Kp) buffer.q.resize(M * Kp);
+    if ((int64_t)buffer.d.size() < M * buffer.blocks) {
+        buffer.d.resize(M * buffer.blocks);
+        buffer.s.resize(M * buffer.blocks);
+    }
+    int8_t* q = buffer.q.data();
+    float* d = buffer.d.data();
+    int32_t* s = buffer.s.data();
+    const int64_t blocks = buffer.blocks;
+    const int threads = M * K >= (1 << 16) ? nthreads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, Kp, q + m * Kp, d + m * blocks, s + m * blocks);
+    return buffer;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row-major float weights: float32, bfloat16, float16.
+// ---------------------------------------------------------------------------------------------------------------
+#if PHI_AVX512
+constexpr int VW = 16;
+using vfloat = __m512;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vload_x(const float* p) { return _mm512_loadu_ps(p); }
+inline vfloat vload_x_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+struct F32 {
+    using T = float;
+    static vfloat load(const T* p) { return _mm512_loadu_ps(p); }
+    static vfloat tail(const T* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+};
+struct BF16 {
+    using T = uint16_t;
+    static vfloat widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    static vfloat load(const T* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+    static vfloat tail(const T* p, int n) { return widen(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p)); }
+};
+struct F16 {
+    using T = uint16_t;
+    static vfloat load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+    static vfloat tail(const T* p, int n) {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+    }
+};
+#else
+constexpr int VW = 8;
+using vfloat = __m256;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vload_x(const float* p) { return _mm256_loadu_ps(p); }
+inline vfloat vload_x_tail(const float* p, int n) {
+    float buf[8] = {0};
+    memcpy(buf, p, n * sizeof(float));
+    return _mm256_loadu_ps(buf);
+}
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline float vsum(vfloat v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+template <typename T>
+inline __m128i load_tail_u16(const T* p, int n) {
+    uint16_t buf[8] = {0};
+    memcpy(buf, p, n * 2);
+    return _mm_loadu_si128((const __m128i*)buf);
+}
+struct F32 {
+    using T = float;
+    static vfloat load(const T* p) { return _mm256_loadu_ps(p); }
+    static vfloat tail(const T* p, int n) { return vload_x_tail(p, n); }
+};
+struct BF16 {
+    using T = uint16_t;
+    static vfloat widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+    static vfloat load(const T* p) { return widen(_mm_loadu_si128((const __m128i*)p)); }
+    static vfloat tail(const T* p, int n) { return widen(load_tail_u16(p, n)); }
+};
+struct F16 {
+    using T = uint16_t;
+    static vfloat load(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static vfloat tail(const T* p, int n) { return _mm256_cvtph_ps(load_tail_u16(p, n)); }
+};
+#endif
+
+// One weight row times MC activation rows, U vectors along k at a time (U * MC accumulators): one weight row is
+// one sequential stream, which the prefetchers follow best (several rows at once are several short streams, each
+// a page or two long, and measured slower), and software prefetch runs PREFETCH bytes ahead of the loads.
+constexpr int PREFETCH = 1024;
+template <class L, int MC, int U>
+inline void float_row(const float* x, int64_t K, const typename L::T* row, float* y, int64_t N, float bias) {
+    vfloat acc[U][MC];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MC; ++m) acc[u][m] = vzero();
+    constexpr int STEP = U * VW, LINE = 64 / sizeof(typename L::T);
+    int64_t k = 0;
+    for (; k + STEP <= K; k += STEP) {
+        for (int line = 0; line < STEP; line += LINE) _mm_prefetch((const char*)(row + k + line) + PREFETCH, _MM_HINT_T0);
+        for (int u = 0; u < U; ++u) {
+            const vfloat wv = L::load(row + k + u * VW);
+            for (int m = 0; m < MC; ++m) acc[u][m] = vfma(wv, vload_x(x + m * K + k + u * VW), acc[u][m]);
+        }
+    }
+    for (; k + VW <= K; k += VW) {
+        const vfloat wv = L::load(row + k);
+        for (int m = 0; m < MC; ++m) acc[0][m] = vfma(wv, vload_x(x + m * K + k), acc[0][m]);
+    }
+    if (k < K) {
+        const int rest = (int)(K - k);
+        const vfloat wv = L::tail(row + k, rest);
+        for (int m = 0; m < MC; ++m) acc[0][m] = vfma(wv, vload_x_tail(x + m * K + k, rest), acc[0][m]);
+    }
+    for (int m = 0; m < MC; ++m) {
+        vfloat total = acc[0][m];
+        for (int u = 1; u < U; ++u) total = vadd(total, acc[u][m]);
+        y[m * N] = vsum(total) + bias;
+    }
+}
+
+// Rows [n0, n1) for all M activation rows: rows in L2-sized batches, each batch swept once per chunk of MC
+// activation rows (one sweep when M <= MC, as in decoding).
+template <class L>
+void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, int64_t n0, int64_t n1, int64_t N,
+                const float* bias, float* y) {
+    constexpr int MC = VW == 16 ? 4 : 2;
+    const int64_t batch = std::max<int64_t>(1, (256 << 10) / (K * (int64_t)sizeof(typename L::T)));
+    for (int64_t nb = n0; nb < n1; nb += batch) {
+        const int64_t ne = std::min(n1, nb + batch);
+        int64_t m = 0;
+        for (; m + MC <= M; m += MC)
+            for (int64_t n = nb; n < ne; ++n)
+                float_row<L, MC, 2>(x + m * K, K, w + n * K, y + m * N + n, N, bias ? bias[n] : 0.0f);
+        for (; m < M; ++m)
+            for (int64_t n = nb; n < ne; ++n)
+                float_row<L, 1, 4>(x + m * K, K, w + n * K, y + m * N + n, N, bias ? bias[n] : 0.0f);
+    }
+}
+
+template <class L>
+void float_product(const float* x, int64_t M, int64_t K, const typename L::T* w, int64_t N, const float* bias,
+                   float* y, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        share(N, n0, n1);
+        if (n0 < n1) float_rows<L>(x, M, K, w, n0, n1, N, bias, y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiled integer weights.
+// ---------------------------------------------------------------------------------------------------------------
+struct IntArgs {
+    const uint8_t* w;       // tiles
+    const void* scales;     // q8: float per row (N padded to tiles); q4: float16 [tiles][groups][16]
+    int64_t N, Kp, group;   // group: q4's group size (a multiple of 32)
+    const float* bias;
+    float* y;
+    const Quantized* a;     // quantized activations
+};
+
+#if PHI_AVX512
+inline void store_rows(float* y, int64_t valid, __m512 v) {
+    _mm512_mask_storeu_ps(y, (__mmask16)(valid >= 16 ? 0xFFFF : (1u << valid) - 1), v);
+}
+
+template <int MC>
+void q8_tile(const IntArgs& p, int64_t tile, int64_t m0) {
+    const int64_t blocks = p.Kp / QBLOCK;
+    const uint8_t* wt = p.w + tile * TILE * p.Kp;
+    const int8_t* xq = p.a->q.data() + m0 * p.Kp;
+    const float* xd = p.a->d.data() + m0 * blocks;
+    const int32_t* xs = p.a->s.data() + m0 * blocks;
+    __m512 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i sum[MC];
+        for (int m = 0; m < MC; ++m) sum[m] = _mm512_setzero_si512();
+        const uint8_t* wb = wt + b * QBLOCK * TILE;
+        for (int c = 0; c < QBLOCK / 4; ++c) {
+            _mm_prefetch((const char*)(wb + c * 64) + PREFETCH, _MM_HINT_T0);
+            const __m512i wv = _mm512_loadu_si512(wb + c * 64);
+            for (int m = 0; m < MC; ++m)
+                sum[m] = _mm512_dpbusd_epi32(sum[m], wv, _mm512_set1_epi32(load_i32(xq + m * p.Kp + b * QBLOCK + c * 4)));
+        }
+        for (int m = 0; m < MC; ++m) {
+            // stored w + 128: subtract 128 * sum(q) of this block
+            const __m512i exact = _mm512_sub_epi32(sum[m], _mm512_set1_epi32(128 * xs[m * blocks + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xd[m * blocks + b]), acc[m]);
+        }
+    }
+    const int64_t n = tile * TILE, valid = p.N - n;
+    const __m512 scale = _mm512_loadu_ps((const float*)p.scales + n);
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps((__mmask16)(valid >= 16 ? 0xFFFF : (1u << valid) - 1), p.bias + n)
+                               : _mm512_setzero_ps();
+    for (int m = 0; m < MC; ++m) store_rows(p.y + (m0 + m) * p.N + n, valid, _mm512_fmadd_ps(acc[m], scale, bias));
+}
+
+template <int MC>
+void q4_tile(const IntArgs& p, int64_t tile, int64_t m0) {
+    const int64_t blocks = p.Kp / QBLOCK, groups = p.Kp / p.group, per_group = p.group / QBLOCK;
+    const uint8_t* wt = p.w + tile * TILE * p.Kp / 2;
+    const uint16_t* ws = (const uint16_t*)p.scales + tile * groups * TILE;
+    const int8_t* xq = p.a->q.data() + m0 * p.Kp;
+    const float* xd = p.a->d.data() + m0 * blocks;
+    const int32_t* xs = p.a->s.data() + m0 * blocks;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 gacc[MC];
+        for (int m = 0; m < MC; ++m) gacc[m] = _mm512_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            __m512i sum[MC];
+            for (int m = 0; m < MC; ++m) sum[m] = _mm512_setzero_si512();
+            const uint8_t* wb = wt + b * QBLOCK * TILE / 2;
+            for (int c = 0; c < QBLOCK / 8; ++c) {
+                _mm_prefetch((const char*)(wb + c * 64) + PREFETCH, _MM_HINT_T0);
+                const __m512i packed = _mm512_loadu_si512(wb + c * 64);
+                const __m512i lo = _mm512_and_si512(packed, low);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+                for (int m = 0; m < MC; ++m) {
+                    const int8_t* xc = xq + m * p.Kp + b * QBLOCK + c * 8;
+                    sum[m] = _mm512_dpbusd_epi32(sum[m], lo, _mm512_set1_epi32(load_i32(xc)));
+                    sum[m] = _mm512_dpbusd_epi32(sum[m], hi, _mm512_set1_epi32(load_i32(xc + 4)));
+                }
+            }
+            for (int m = 0; m < MC; ++m) {
+                // stored q = w / d + 8: subtract 8 * sum(x) of this block
+                const __m512i exact = _mm512_sub_epi32(sum[m], _mm512_set1_epi32(8 * xs[m * blocks + b]));
+                gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xd[m * blocks + b]), gacc[m]);
+            }
+        }
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + g * TILE)));
+        for (int m = 0; m < MC; ++m) acc[m] = _mm512_fmadd_ps(gacc[m], scale, acc[m]);
+    }
+    const int64_t n = tile * TILE, valid = p.N - n;
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps((__mmask16)(valid >= 16 ? 0xFFFF : (1u << valid) - 1), p.bias + n)
+                               : _mm512_setzero_ps();
+    for (int m = 0; m < MC; ++m) store_rows(p.y + (m0 + m) * p.N + n, valid, _mm512_add_ps(acc[m], bias));
+}
+constexpr int INT_MC = 8;
+#else
+// AVX2: each 16-row tile as two halves of 8 rows (the second 32 bytes of every 64-byte chunk).
+inline void store_rows8(float* y, int64_t valid, __m256 v) {
+    if (valid >= 8) {
+        _mm256_storeu_ps(y, v);
+    } else if (valid > 0) {
+        float buf[8];
+        _mm256_storeu_ps(buf, v);
+        memcpy(y, buf, valid * sizeof(float));
+    }
+}
+inline __m256 load_rows8(const float* p, int64_t valid) {
+    if (valid >= 8) return _mm256_loadu_ps(p);
+    float buf[8] = {0};
+    if (valid > 0) memcpy(buf, p, valid * sizeof(float));
+    return _mm256_loadu_ps(buf);
+}
+
+template <int MC>
+void q8_half(const IntArgs& p, int64_t tile, int half, int64_t m0) {
+    const int64_t blocks = p.Kp / QBLOCK;
+    const uint8_t* wt = p.w + tile * TILE * p.Kp + half * 32;
+    const int8_t* xq = p.a->q.data() + m0 * p.Kp;
+    const float* xd = p.a->d.data() + m0 * blocks;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m256i sum[MC];
+        for (int m = 0; m < MC; ++m) sum[m] = _mm256_setzero_si256();
+        const uint8_t* wb = wt + b * QBLOCK * TILE;
+        for (int c = 0; c < QBLOCK / 4; ++c) {
+            _mm_prefetch((const char*)(wb + c * 64) + PREFETCH, _MM_HINT_T0);
+            const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + c * 64)), flip);
+            const __m256i magnitude = _mm256_sign_epi8(wv, wv);
+            for (int m = 0; m < MC; ++m) {
+                const __m256i xv = _mm256_set1_epi32(load_i32(xq + m * p.Kp + b * QBLOCK + c * 4));
+                const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
+                sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int m = 0; m < MC; ++m)
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(xd[m * blocks + b]), acc[m]);
+    }
+    const int64_t n = tile * TILE + half * 8, valid = p.N - n;
+    const __m256 scale = _mm256_loadu_ps((const float*)p.scales + n);
+    const __m256 bias = p.bias ? load_rows8(p.bias + n, valid) : _mm256_setzero_ps();
+    for (int m = 0; m < MC; ++m) store_rows8(p.y + (m0 + m) * p.N + n, valid, _mm256_fmadd_ps(acc[m], scale, bias));
+}
+
+template <int MC>
+void q4_half(const IntArgs& p, int64_t tile, int half, int64_t m0) {
+    const int64_t blocks = p.Kp / QBLOCK, groups = p.Kp / p.group, per_group = p.group / QBLOCK;
+    const uint8_t* wt = p.w + tile * TILE * p.Kp / 2 + half * 32;
+    const uint16_t* ws = (const uint16_t*)p.scales + tile * groups * TILE + half * 8;
+    const int8_t* xq = p.a->q.data() + m0 * p.Kp;
+    const float* xd = p.a->d.data() + m0 * blocks;
+    const int32_t* xs = p.a->s.data() + m0 * blocks;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256 gacc[MC];
+        for (int m = 0; m < MC; ++m) gacc[m] = _mm256_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            __m256i sum[MC];
+            for (int m = 0; m < MC; ++m) sum[m] = _mm256_setzero_si256();
+            const uint8_t* wb = wt + b * QBLOCK * TILE / 2;
+            for (int c = 0; c < QBLOCK / 8; ++c) {
+                _mm_prefetch((const char*)(wb + c * 64) + PREFETCH, _MM_HINT_T0);
+                const __m256i packed = _mm256_loadu_si256((const __m256i*)(wb + c * 64));
+                const __m256i lo = _mm256_and_si256(packed, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for (int m = 0; m < MC; ++m) {
+                    const int8_t* xc = xq + m * p.Kp + b * QBLOCK + c * 8;
+                    // 4 products of at most 15 * 127 per 16-bit lane: no saturation
+                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xc))),
+                                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xc + 4))));
+                    sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m256i exact = _mm256_sub_epi32(sum[m], _mm256_set1_epi32(8 * xs[m * blocks + b]));
+                gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_set1_ps(xd[m * blocks + b]), gacc[m]);
+            }
+        }
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + g * TILE)));
+        for (int m = 0; m < MC; ++m) acc[m] = _mm256_fmadd_ps(gacc[m], scale, acc[m]);
+    }
+    const int64_t n = tile * TILE + half * 8, valid = p.N - n;
+    const __m256 bias = p.bias ? load_rows8(p.bias + n, valid) : _mm256_setzero_ps();
+    for (int m = 0; m < MC; ++m) store_rows8(p.y + (m0 + m) * p.N + n, valid, _mm256_add_ps(acc[m], bias));
+}
+
+template <int MC>
+void q8_tile(const IntArgs& p, int64_t tile, int64_t m0) {
+    q8_half<MC>(p, tile, 0, m0);
+    if (p.N - tile * TILE > 8) q8_half<MC>(p, tile, 1, m0);
+}
+template <int MC>
+void q4_tile(const IntArgs& p, int64_t tile, int64_t m0) {
+    q4_half<MC>(p, tile, 0, m0);
+    if (p.N - tile * TILE > 8) q4_half<MC>(p, tile, 1, m0);
+}
+constexpr int INT_MC = 4;
+#endif
+
+// All rows m of tiles [t0, t1): tiles in L2-sized batches, each batch swept once per chunk of INT_MC rows, so a
+// chunk's activations stay in L1 while the batch's weights stay in L2.
+template <void (*Full)(const IntArgs&, int64_t, int64_t), void (*One)(const IntArgs&, int64_t, int64_t)>
+void int_tiles(const IntArgs& p, int64_t M, int64_t t0, int64_t t1, int64_t tile_bytes) {
+    const int64_t batch = std::max<int64_t>(1, (256 << 10) / tile_bytes);
+    for (int64_t tb = t0; tb < t1; tb += batch) {
+        const int64_t te = std::min(t1, tb + batch);
+        int64_t m = 0;
+        for (; m + INT_MC <= M; m += INT_MC)
+            for (int64_t t = tb; t < te; ++t) Full(p, t, m);
+        for (; m < M; ++m)
+            for (int64_t t = tb; t < te; ++t) One(p, t, m);
+    }
+}
+
+template <bool Q4>
+void int_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales, int64_t group, int64_t N,
+                 const float* bias, float* y, int nthreads) {
+    const int64_t Kp = (K + group - 1) / group * group;
+    const Quantized& a = quantize(x, M, K, Kp, nthreads);
+    const IntArgs p{w, scales, N, Kp, group, bias, y, &a};
+    const int64_t tiles = (N + TILE - 1) / TILE, tile_bytes = Q4 ? TILE * Kp / 2 : TILE * Kp;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t t0, t1;
+        share(tiles, t0, t1);
+        if (Q4)
+            int_tiles<q4_tile<INT_MC>, q4_tile<1>>(p, M, t0, t1, tile_bytes);
+        else
+            int_tiles<q8_tile<INT_MC>, q8_tile<1>>(p, M, t0, t1, tile_bytes);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int phi_kernels_level() { return PHI_LEVEL; }
+
+// Every product has one signature: y (M, N) = x (M, K) @ W^T + bias. `scales` and `group` are the integer
+// formats' (unused by the float ones); bias may be null.
+#define PHI_PRODUCT(name)                                                                                         \
+    void name(const float* x, int64_t M, int64_t K, const void* w, const void* scales, int64_t group, int64_t N, \
+              const float* bias, float* y, int nthreads)
+
+PHI_PRODUCT(phi_linear_f32) { float_product<F32>(x, M, K, (const float*)w, N, bias, y, nthreads); }
+PHI_PRODUCT(phi_linear_bf16) { float_product<BF16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
+PHI_PRODUCT(phi_linear_f16) { float_product<F16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
+PHI_PRODUCT(phi_linear_q8) { int_product<false>(x, M, K, (const uint8_t*)w, scales, QBLOCK, N, bias, y, nthreads); }
+PHI_PRODUCT(phi_linear_q4) { int_product<true>(x, M, K, (const uint8_t*)w, scales, group, N, bias, y, nthreads); }
+
+}  // extern "C"

@@ -1,0 +1,407 @@
+"""phi_core's own CPU products, compiled on this machine at first use, and which product serves each weight format.
+
+What the CPU can do is read once (:func:`cpu_info`) and reduced to a **level**: ``avx512`` (AVX-512 F/BW/VL/DQ
+with VNNI: Intel since Ice Lake, AMD since Zen 4), ``avx2`` (AVX2, FMA and F16C: Intel since Haswell, AMD since
+Zen 1) or ``none``. ``csrc/cpu_kernels.cpp`` is compiled for the level with the system's C++ compiler (``c++``,
+or ``$CXX``) into the user's cache folder (``$PHI_CACHE_DIR``, else ``$XDG_CACHE_HOME/phi-toolkit``, else
+``~/.cache/phi-toolkit``), about two seconds once; a manifest beside the library records the source's hash, the
+level and the flags, and a library whose manifest is missing, unreadable or stale, or which fails a numerical
+self-test when loaded, is rebuilt. Without a compiler, or when compiling fails, every product falls back to
+torch's own (MKL for float32, fbgemm's packed float16 and int8), and :func:`kernel_status` says why.
+
+Which product serves which weight format at which level is a table (:data:`CHOICES`) measured on the machine it
+names; ``PHI_CPU_LEVEL`` (``avx2`` or ``none``) caps the level, to compare or to work around a problem.
+
+Layouts (``pack_int8``, ``pack_int4``; row-major ``(out, in)`` for float32, bfloat16 and float16):
+
+- int8: one symmetric scale per output row (``max |w| / 127``), values stored as ``w + 128`` in tiles of 16
+  output rows; inside a tile, for every 4 inputs, 16 rows x 4 bytes (64 bytes: one AVX-512 register, which one
+  VNNI instruction multiplies with 4 activations broadcast to all rows). Inputs are padded to a multiple of 32.
+- int4: per output row and group of ``group`` inputs one float16 scale ``d`` (the group's value of largest
+  magnitude is ``-8 d``, as llama.cpp's q4_0), values ``q = round(w / d) + 8`` in 0..15; tiles of 16 rows, for
+  every 8 inputs 64 bytes, byte ``4 r + j`` holding input ``j`` of row ``r`` in its low nibble and input ``4 + j``
+  in its high nibble. Scales are stored ``[tile][group][16 rows]``. Inputs are padded to a multiple of the group.
+
+The integer products quantize each call's activations to int8 in blocks of 32 (a scale per block) and multiply
+with integer dot products (AVX-512 VNNI, or AVX2's ``maddubs``), as llama.cpp does for q8_0 and q4_0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Level = Literal["avx512", "avx2", "none"]
+LEVELS: tuple[Level, ...] = ("avx512", "avx2", "none")
+LEVEL_FEATURES: dict[Level, tuple[str, ...]] = {
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "none": (),
+}
+# The features worth naming in --stats (AMX is detected and reported; no kernel uses it).
+NOTABLE_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+COMPILE_FLAGS: dict[Level, tuple[str, ...]] = {
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+}
+_LEVEL_IDS = {"avx512": 2, "avx2": 1}
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+QBLOCK = 32  # activation quantization block of the integer products
+TILE = 16  # output rows per tile of the integer layouts
+INT4_GROUPS = (32, 64, 128)
+KINDS = ("f32", "bf16", "f16", "q8", "q4")  # the compiled products, one per weight layout
+
+
+# CPU -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU's model name and feature flags (as /proc/cpuinfo spells them), and what they allow."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def level(self) -> Level:
+        """The best kernel level every needed feature of which is present, capped by ``PHI_CPU_LEVEL``."""
+        cap = os.environ.get("PHI_CPU_LEVEL", "").strip().lower()
+        allowed = LEVELS[LEVELS.index(cap) :] if cap in LEVELS else LEVELS  # type: ignore[arg-type]
+        return next(level for level in allowed if all(f in self.flags for f in LEVEL_FEATURES[level]))
+
+    def describe(self) -> str:
+        """``AMD EPYC (avx512: avx2 fma f16c avx512f avx512_vnni avx512_bf16)``."""
+        features = " ".join(f for f in NOTABLE_FEATURES if f in self.flags) or "no AVX2"
+        return f"{self.model} ({self.level}: {features})"
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU, from /proc/cpuinfo where there is one, else from what torch detected."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not flags:
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    if not flags and platform.machine().lower() in ("x86_64", "amd64"):
+        # No /proc/cpuinfo (macOS, Windows): torch's own dispatch level says at least this much.
+        capability = torch.backends.cpu.get_cpu_capability()
+        flags = set(LEVEL_FEATURES["avx2"]) if capability in ("AVX2", "AVX512") else set()
+    return CpuInfo(model, frozenset(flags))
+
+
+# Which product serves each weight format ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    """How one kind of weights is stored and multiplied at one level: ``few`` serves products of up to
+    ``few_rows`` activation rows (decoding, batched decoding), ``many`` the longer ones (prefill)."""
+
+    storage: str
+    few: str
+    many: str
+    few_rows: int
+
+    def describe(self) -> str:
+        if self.few == self.many:
+            return f"{self.storage}: {self.few}"
+        return f"{self.storage}: {self.few} up to {self.few_rows} rows, {self.many} beyond"
+
+
+# Measured on an AMD EPYC Zen 5 (family 26, 2 cores, AVX-512 with VNNI and BF16), torch 2.13: see
+# docs/performance.md and benchmarks/linear_layout.py, which repeats the measurements.
+CHOICES: dict[Level, dict[str, Choice]] = {
+    "avx512": {
+        "float32": Choice("dense", "phi avx512 f32", "torch mkl", 16),
+        "bfloat16": Choice("rows-bf16", "phi avx512 bf16", "phi avx512 bf16", 1 << 30),
+        "float16": Choice("rows-f16", "phi avx512 f16", "phi avx512 f16", 1 << 30),
+        "int8": Choice("tiles-int8", "phi avx512 q8", "phi avx512 q8", 1 << 30),
+        "int4": Choice("tiles-int4", "phi avx512 q4", "phi avx512 q4", 1 << 30),
+    },
+    "avx2": {
+        "float32": Choice("dense", "phi avx2 f32", "torch mkl", 16),
+        "bfloat16": Choice("rows-bf16", "phi avx2 bf16", "phi avx2 bf16", 1 << 30),
+        "float16": Choice("rows-f16", "phi avx2 f16", "phi avx2 f16", 1 << 30),
+        "int8": Choice("tiles-int8", "phi avx2 q8", "phi avx2 q8", 1 << 30),
+        "int4": Choice("tiles-int4", "phi avx2 q4", "phi avx2 q4", 1 << 30),
+    },
+}
+# Without compiled kernels: torch's own products (fbgemm's where this torch has it).
+FALLBACK: dict[str, Choice] = {
+    "float32": Choice("dense", "torch", "torch", 1 << 30),
+    "bfloat16": Choice("fbgemm-fp16", "fbgemm fp16", "fbgemm fp16", 1 << 30),
+    "float16": Choice("fbgemm-fp16", "fbgemm fp16", "fbgemm fp16", 1 << 30),
+    "int8": Choice("fbgemm-int8", "fbgemm int8", "fbgemm int8", 1 << 30),
+    "int4": Choice("tiles-int4", "torch dequantize (slow)", "torch dequantize (slow)", 1 << 30),
+}
+
+
+def choose(weights: str, level: Level | None = None) -> Choice:
+    """The storage and products for ``weights`` (``float32``, ``bfloat16``, ``float16``, ``int8``, ``int4``) at
+    ``level`` (this machine's by default), falling back to torch's products when the kernels cannot be had."""
+    level = cpu_info().level if level is None else level
+    if level in CHOICES and library(level) is not None:
+        return CHOICES[level][weights]
+    return FALLBACK[weights]
+
+
+# The compiled library ---------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    base = os.environ.get("PHI_CACHE_DIR")
+    if base:
+        return Path(base) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "phi-toolkit" / "kernels"
+
+
+class Kernels:
+    """The compiled library of one level, its functions typed for ctypes (which releases the GIL in each call)."""
+
+    def __init__(self, path: Path, level: Level) -> None:
+        self.path, self.level = path, level
+        lib = ctypes.CDLL(str(path))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        self.products = {}
+        for kind in KINDS:
+            function = getattr(lib, f"phi_linear_{kind}")
+            function.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer, ctypes.c_int]
+            function.restype = None
+            self.products[kind] = function
+        lib.phi_kernels_level.restype = ctypes.c_int
+        self.lib = lib
+
+    def linear(
+        self,
+        kind: str,
+        x: torch.Tensor,
+        weight: tuple[torch.Tensor, ...],
+        bias: torch.Tensor | None,
+        out_features: int,
+        group: int = 0,
+    ) -> torch.Tensor:
+        """``x @ W^T + bias`` for ``x`` of any leading shape; ``weight`` as :func:`pack` made it for ``kind``."""
+        in_features = x.shape[-1]
+        flat = x.reshape(-1, in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        out = torch.empty(flat.shape[0], out_features)
+        scales = weight[1].data_ptr() if len(weight) > 1 else None
+        self.products[kind](
+            flat.data_ptr(),
+            flat.shape[0],
+            in_features,
+            weight[0].data_ptr(),
+            scales,
+            group,
+            out_features,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out.view(*x.shape[:-1], out_features)
+
+
+_status: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def kernel_status(level: Level | None = None) -> str:
+    """Why the kernels of ``level`` are or are not in use (after :func:`library` tried)."""
+    level = cpu_info().level if level is None else level
+    if level == "none":
+        return "no AVX2 on this CPU: torch's products"
+    library(level)
+    return _status.get(level, "not tried")
+
+
+@functools.cache
+def library(level: Level) -> Kernels | None:
+    """The compiled kernels of ``level``, built into the cache folder if needed; None if they cannot be had."""
+    if level not in COMPILE_FLAGS or os.environ.get("PHI_KERNELS", "1") == "0":
+        _status[level] = "disabled by PHI_KERNELS=0" if level in COMPILE_FLAGS else f"no kernels for {level}"
+        return None
+    with _lock:
+        try:
+            kernels = _cached(level) or _build(level)
+        except (OSError, subprocess.SubprocessError, ValueError) as error:
+            _status[level] = f"kernels unavailable ({error}): torch's products"
+            return None
+    return kernels
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _identity(level: Level) -> dict[str, object]:
+    source = SOURCE.read_bytes()
+    return {
+        "source_sha256": hashlib.sha256(source).hexdigest(),
+        "level": level,
+        "flags": list(_command_flags(level)),
+    }
+
+
+def _command_flags(level: Level) -> tuple[str, ...]:
+    return ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *COMPILE_FLAGS[level])
+
+
+def _paths(level: Level) -> tuple[Path, Path]:
+    digest = hashlib.sha256(json.dumps(_identity(level), sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    return folder / f"cpu_kernels-{level}-{digest}.so", folder / f"cpu_kernels-{level}-{digest}.json"
+
+
+def _cached(level: Level) -> Kernels | None:
+    """The library the cache holds for this source and level, if its manifest checks out and it self-tests."""
+    library_path, manifest_path = _paths(level)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        identity = _identity(level)
+        if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in identity.items()):
+            return None
+        if manifest.get("library_sha256") != hashlib.sha256(library_path.read_bytes()).hexdigest():
+            return None
+        kernels = Kernels(library_path, level)
+        self_test(kernels)
+    except (OSError, ValueError, AssertionError, AttributeError):
+        return None
+    _status[level] = f"{level} kernels from {library_path}"
+    return kernels
+
+
+def _build(level: Level) -> Kernels | None:
+    compiler = _compiler()
+    if compiler is None:
+        _status[level] = f"no C++ compiler ({os.environ.get('CXX', 'c++')} not found): torch's products"
+        return None
+    library_path, manifest_path = _paths(level)
+    library_path.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: another process may be loading the same name meanwhile.
+    handle, scratch = tempfile.mkstemp(suffix=".so", dir=library_path.parent)
+    os.close(handle)
+    try:
+        command = [compiler, *_command_flags(level), "-o", scratch, str(SOURCE)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            _status[level] = f"compiling the {level} kernels failed ({last}): torch's products"
+            return None
+        kernels = Kernels(Path(scratch), level)
+        self_test(kernels)
+        os.replace(scratch, library_path)
+    except AssertionError:
+        _status[level] = f"the {level} kernels failed their self-test: torch's products"
+        return None
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    manifest = {**_identity(level), "library_sha256": hashlib.sha256(library_path.read_bytes()).hexdigest()}
+    manifest |= {"compiler": compiler, "cpu": cpu_info().model}
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    _status[level] = f"{level} kernels compiled into {library_path}"
+    return Kernels(library_path, level)
+
+
+def self_test(kernels: Kernels) -> None:
+    """Every product of ``kernels`` on a small odd shape against float64: an AssertionError if one is wrong."""
+    if kernels.lib.phi_kernels_level() != _LEVEL_IDS[kernels.level]:
+        raise AssertionError("library built for another level")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 70, generator=generator)
+    x = torch.randn(3, 70, generator=generator)
+    bias = torch.randn(37, generator=generator)
+    for kind in KINDS:
+        packed, exact, group = pack(kind, weight)
+        expected = x.double() @ exact.double().T + bias.double()
+        got = kernels.linear(kind, x, packed, bias, 37, group).double()
+        tolerance = 1e-4 if kind in ("f32", "bf16", "f16") else 0.05  # the integer ones round the activations
+        if not (got - expected).abs().max() <= tolerance * expected.abs().max():
+            raise AssertionError(f"{kind} product wrong")
+
+
+# Packing ---------------------------------------------------------------------------------------------------------
+def pack(kind: str, weight: torch.Tensor, group: int = 64) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int]:
+    """``weight`` (out, in) in ``kind``'s layout, the values it now holds as float32, and its group size."""
+    if kind == "f32":
+        return (weight.float().contiguous(),), weight.float(), 0
+    if kind in ("bf16", "f16"):
+        held = weight.to(torch.bfloat16 if kind == "bf16" else torch.float16).contiguous()
+        return (held,), held.float(), 0
+    if kind == "q8":
+        tiles, scales = pack_int8(weight)
+        return (tiles, scales), unpack_int8(tiles, scales, *weight.shape), QBLOCK
+    tiles, scales = pack_int4(weight, group)
+    return (tiles, scales), unpack_int4(tiles, scales, *weight.shape), group
+
+
+def _padded(weight: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    return F.pad(weight.float(), (0, columns - weight.shape[1], 0, rows - weight.shape[0]))
+
+
+def _tile_shape(out_features: int, in_features: int, block: int) -> tuple[int, int]:
+    return -(-out_features // TILE) * TILE, -(-in_features // block) * block
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row in 16-row tiles: (uint8 tiles, float32 scales padded to whole tiles)."""
+    rows, columns = _tile_shape(*weight.shape, QBLOCK)
+    padded = _padded(weight, rows, columns)
+    scales = (padded.abs().amax(dim=1) / 127.0).clamp(min=1e-30)
+    values = torch.round(padded / scales[:, None]).clamp(-127, 127).to(torch.int16) + 128
+    tiles = values.to(torch.uint8).view(rows // TILE, TILE, columns // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return tiles.view(-1), scales.contiguous()
+
+
+def unpack_int8(tiles: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The float32 (out, in) matrix int8 tiles hold."""
+    rows, columns = _tile_shape(out_features, in_features, QBLOCK)
+    values = tiles.view(rows // TILE, columns // 4, TILE, 4).permute(0, 2, 1, 3).reshape(rows, columns)
+    return ((values.float() - 128) * scales[:, None])[:out_features, :in_features]
+
+
+def pack_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit with a float16 scale per row and ``group`` inputs, in 16-row tiles: (uint8 tiles, float16 scales)."""
+    if group % QBLOCK:
+        raise ValueError(f"int4 group size must be a multiple of {QBLOCK}, not {group}")
+    rows, columns = _tile_shape(*weight.shape, group)
+    groups = _padded(weight, rows, columns).view(rows, columns // group, group)
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))
+    scales = (extreme / -8.0).to(torch.float16)
+    held = scales.float()
+    inverse = torch.where(held != 0, 1.0 / held, torch.zeros_like(held))
+    values = (torch.round(groups * inverse) + 8).clamp(0, 15).to(torch.uint8).view(rows // TILE, TILE, -1, 2, 4)
+    tiles = (values[:, :, :, 0] | (values[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+    tile_scales = scales.view(rows // TILE, TILE, columns // group).permute(0, 2, 1).contiguous()
+    return tiles.view(-1), tile_scales.view(-1)
+
+
+def unpack_int4(
+    tiles: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int, group: int | None = None
+) -> torch.Tensor:
+    """The float32 (out, in) matrix int4 tiles hold (``group`` is implied by the sizes when not given)."""
+    rows = -(-out_features // TILE) * TILE
+    columns = tiles.numel() * 2 // rows
+    group = group or columns * rows // scales.numel()
+    packed = tiles.view(rows // TILE, columns // 8, TILE, 4).permute(0, 2, 1, 3)
+    values = torch.stack([packed & 0x0F, packed >> 4], dim=3).reshape(rows, columns).float() - 8
+    tile_scales = scales.view(rows // TILE, columns // group, TILE).permute(0, 2, 1).reshape(rows, -1, 1)
+    weight = (values.view(rows, -1, group) * tile_scales.float()).view(rows, columns)
+    return weight[:out_features, :in_features]

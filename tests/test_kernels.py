@@ -1,0 +1,286 @@
+"""phi_core's compiled CPU kernels: which one a CPU gets, the cache they are compiled into, the int8 and int4
+layouts, and every product against float64 on small odd shapes (skipped where the kernels cannot be compiled)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import phi_core.linear
+from phi_core import kernels
+from phi_core.kernels import CHOICES, FALLBACK, KINDS, CpuInfo
+from phi_core.linear import PhiLinear
+from phi_core.precision import choose_precision
+
+AVX512 = frozenset(kernels.LEVEL_FEATURES["avx512"] + ("avx512_bf16",))
+AVX2 = frozenset(kernels.LEVEL_FEATURES["avx2"])
+HERE = kernels.cpu_info()
+# The levels this CPU can run and this machine can compile (each compiled once per cache folder, ~2 s).
+RUNNABLE = [level for level in ("avx512", "avx2") if set(kernels.LEVEL_FEATURES[level]) <= HERE.flags]
+COMPILED = [level for level in RUNNABLE if kernels.library(level) is not None]
+needs_kernels = pytest.mark.skipif(not COMPILED, reason=f"no compiled kernels here: {kernels.kernel_status()}")
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """An empty cache folder and no remembered library; the real ones are restored afterwards."""
+    monkeypatch.setenv("PHI_CACHE_DIR", str(tmp_path))
+    kernels.library.cache_clear()
+    yield tmp_path / "kernels"
+    kernels.library.cache_clear()
+
+
+def fake_cpu(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str]) -> None:
+    monkeypatch.setattr(kernels, "cpu_info", lambda: CpuInfo("Faked CPU", flags))
+
+
+# Capability and choice ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [
+        (AVX512, "avx512"),
+        (AVX512 | {"amx_tile", "amx_int8"}, "avx512"),
+        (AVX512 - {"avx512_vnni"}, "avx2"),  # Skylake-X: AVX-512 without VNNI runs the AVX2 kernels
+        (AVX2, "avx2"),
+        (AVX2 - {"f16c"}, "none"),
+        (frozenset(), "none"),
+    ],
+)
+def test_level_from_flags(flags, level):
+    assert CpuInfo("x", flags).level == level
+
+
+def test_level_can_be_capped(monkeypatch):
+    monkeypatch.setenv("PHI_CPU_LEVEL", "avx2")
+    assert CpuInfo("x", AVX512).level == "avx2"
+    monkeypatch.setenv("PHI_CPU_LEVEL", "none")
+    assert CpuInfo("x", AVX512).level == "none"
+    monkeypatch.setenv("PHI_CPU_LEVEL", "avx512")  # a cap never raises the level
+    assert CpuInfo("x", AVX2).level == "avx2"
+
+
+def test_cpu_info_names_the_features():
+    text = CpuInfo("AMD EPYC", AVX512 | {"amx_tile"}).describe()
+    assert text.startswith("AMD EPYC (avx512: ") and "avx512_vnni" in text and "amx_tile" in text
+    assert HERE.describe().startswith(HERE.model)
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_faked_capability_picks_that_levels_kernels(monkeypatch, level):
+    if level not in COMPILED:
+        pytest.skip(f"the {level} kernels cannot run here")
+    fake_cpu(monkeypatch, AVX512 if level == "avx512" else AVX2)
+    for weights in ("float32", "bfloat16", "float16", "int8", "int4"):
+        assert kernels.choose(weights) == CHOICES[level][weights]
+    precision = choose_precision("bfloat16", "cpu")
+    assert precision.weight_format == "rows-bf16" and precision.describe().endswith(f"; phi {level} bf16")
+    layer = PhiLinear(2048, 1024)
+    layer.pack("tiles-int4")
+    assert layer.kernels is kernels.library(level) and layer.kernels.level == level
+
+
+def test_faked_cpu_without_avx2_gets_torchs_products(monkeypatch):
+    fake_cpu(monkeypatch, frozenset({"sse4_2"}))
+    for weights in ("float32", "bfloat16", "float16", "int8", "int4"):
+        assert kernels.choose(weights) == FALLBACK[weights]
+    assert kernels.kernel_status().startswith("no AVX2")
+    layer = PhiLinear(2048, 1024)
+    layer.pack("dense")
+    assert layer.kernels is None
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, fresh_library):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    level = HERE.level if HERE.level != "none" else "avx2"
+    assert kernels.library(level) is None
+    assert "no C++ compiler" in kernels.kernel_status(level)
+    fake_cpu(monkeypatch, AVX2)
+    assert kernels.choose("int8") == FALLBACK["int8"]
+    # int4 still works, through torch: the weights widened to float32 a block at a time.
+    generator = torch.Generator().manual_seed(0)
+    layer = PhiLinear(300, 40)
+    torch.nn.init.normal_(layer.weight, generator=generator)
+    layer.pack("tiles-int4")
+    assert layer.kernels is None
+    x = torch.randn(3, 300, generator=generator)
+    exact = layer.unpacked_rows(0, 40).double()
+    expected = x.double() @ exact.T + layer.bias.double()
+    assert torch.allclose(layer(x).double(), expected, atol=1e-4)
+
+
+def test_a_failing_compiler_falls_back(monkeypatch, fresh_library, tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    assert kernels.library("avx2") is None
+    assert "compiling the avx2 kernels failed (error: no such thing)" in kernels.kernel_status("avx2")
+
+
+# The cache ------------------------------------------------------------------------------------------------------
+def _copy_into(level: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> tuple:
+    """The real cache's library of ``level`` copied into a new cache folder, which is then the one in use (no
+    compiling); the library's and the manifest's paths there."""
+    sources = kernels._paths(level)
+    monkeypatch.setenv("PHI_CACHE_DIR", str(tmp_path))
+    library, manifest = kernels._paths(level)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sources[0], library)
+    shutil.copyfile(sources[1], manifest)
+    return library, manifest
+
+
+@needs_kernels
+def test_cached_library_is_reused(monkeypatch, tmp_path):
+    level = COMPILED[0]
+    real_library = kernels._paths(level)[0]
+    library, _ = _copy_into(level, monkeypatch, tmp_path)
+    assert library != real_library
+    loaded = kernels._cached(level)
+    assert loaded is not None and loaded.path == library
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "damage", ["manifest garbage", "manifest list", "stale source", "other level", "truncated library", "garbage"]
+)
+def test_bad_cache_files_are_ignored(monkeypatch, tmp_path, damage):
+    level = COMPILED[0]
+    library, manifest = _copy_into(level, monkeypatch, tmp_path)
+    record = json.loads(manifest.read_text())
+    if damage == "manifest garbage":
+        manifest.write_bytes(b"\x00\xff{not json")
+    elif damage == "manifest list":
+        manifest.write_text("[1, 2]")
+    elif damage == "stale source":
+        manifest.write_text(json.dumps({**record, "source_sha256": "0" * 64}))
+    elif damage == "other level":
+        manifest.write_text(json.dumps({**record, "level": "avx2" if level == "avx512" else "avx512"}))
+    elif damage == "truncated library":
+        library.write_bytes(library.read_bytes()[:1000])
+    else:  # garbage whose hash the manifest records: loading it fails
+        library.write_bytes(b"\x7fELF garbage")
+        manifest.write_text(
+            json.dumps({**record, "library_sha256": kernels.hashlib.sha256(b"\x7fELF garbage").hexdigest()})
+        )
+    assert kernels._cached(level) is None
+
+
+@needs_kernels
+def test_a_bad_cache_is_rebuilt(fresh_library):
+    level = COMPILED[0]
+    library, manifest = kernels._paths(level)
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"not a library")
+    manifest.write_text("{}")
+    loaded = kernels.library(level)
+    assert loaded is not None and loaded.path == library
+    assert "compiled into" in kernels.kernel_status(level)
+    assert json.loads(manifest.read_text())["level"] == level
+
+
+# Layouts ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group", kernels.INT4_GROUPS)
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 64), (37, 70), (5, 300), (64, 128)])
+def test_int4_pack_round_trip(group, out_features, in_features):
+    generator = torch.Generator().manual_seed(1)
+    # Values a float16 scale times -8..7 holds exactly come back exactly.
+    groups = -(-in_features // group)
+    scales = (torch.rand(out_features, groups, 1, generator=generator) + 0.5).half().float() / 64
+    values = torch.randint(-8, 8, (out_features, groups, group), generator=generator).float()
+    values[:, :, 0] = -8  # the group's extreme, as quantizing puts it
+    exact = (values * scales).view(out_features, -1)[:, :in_features]
+    tiles, packed_scales = kernels.pack_int4(exact, group)
+    assert tiles.dtype == torch.uint8 and tiles.numel() == -(-out_features // 16) * 16 * groups * group // 2
+    assert torch.equal(kernels.unpack_int4(tiles, packed_scales, out_features, in_features, group), exact)
+    # Any weights: within one step of their group (half a step, but the value opposite the extreme may clamp).
+    weight = torch.randn(out_features, in_features, generator=generator)
+    tiles, packed_scales = kernels.pack_int4(weight, group)
+    back = kernels.unpack_int4(tiles, packed_scales, out_features, in_features)
+    padded = torch.nn.functional.pad(weight, (0, groups * group - in_features)).view(out_features, groups, group)
+    step = (padded.abs().amax(dim=-1, keepdim=True) / 8).expand(-1, -1, group).reshape(out_features, -1)
+    error = back - weight
+    assert (error.abs() <= step[:, :in_features] * 1.01).all()
+    assert error.abs().mean() <= 0.3 * step.mean()
+
+
+def test_int8_pack_round_trip():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(37, 70, generator=generator) * torch.logspace(-3, 1, 37)[:, None]
+    tiles, scales = kernels.pack_int8(weight)
+    back = kernels.unpack_int8(tiles, scales, 37, 70)
+    assert torch.allclose(scales[:37], weight.abs().amax(dim=1) / 127)
+    assert ((back - weight).abs() <= scales[:37, None] / 2 + 1e-7).all()
+    assert torch.equal(kernels.unpack_int8(*kernels.pack_int8(back), 37, 70), back)
+
+
+@pytest.mark.parametrize("weight_format", ["tiles-int8", "tiles-int4", "rows-bf16"])
+def test_packing_in_row_blocks_gives_the_same_layout(monkeypatch, weight_format):
+    monkeypatch.setattr(phi_core.linear, "SMALL_MATRIX", 0)
+    torch.manual_seed(3)
+    whole, blocked = PhiLinear(96, 200), PhiLinear(96, 200)
+    blocked.load_state_dict(whole.state_dict())
+    whole.pack(weight_format)
+    monkeypatch.setattr(phi_core.linear, "PACK_BLOCK_ELEMENTS", 96 * 48)  # 48 output rows a block
+    blocked.pack(weight_format)
+    assert all(torch.equal(a, b) for a, b in zip(whole.packed, blocked.packed, strict=True))
+    assert torch.equal(whole.unpacked_rows(16, 200), blocked.unpacked_rows(16, 200))
+
+
+# Numerics against float64 ----------------------------------------------------------------------------------------
+def quantized_activations(x: torch.Tensor, in_features_padded: int) -> torch.Tensor:
+    """The activations as the integer products see them: int8 per block of 32, as float64 (the C++'s rounding)."""
+    padded = torch.nn.functional.pad(x, (0, in_features_padded - x.shape[-1])).view(x.shape[0], -1, 32)
+    largest = padded.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    values = torch.round(padded * inverse)  # float32 product, rounded half to even, as cvtps2dq
+    return (values.double() * (largest / 127.0).double()).view(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 7), (16, 32), (37, 70), (50, 256)])
+def test_kernels_against_float64(kind, rows, out_features, in_features):
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    generator = torch.Generator().manual_seed(out_features * in_features + rows)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    packed, exact, group = kernels.pack(kind, weight)
+    if kind in ("q8", "q4"):
+        padded = -(-in_features // group) * group
+        seen = quantized_activations(x, padded)[:, :in_features]
+    else:
+        seen = x.double()
+    expected = seen @ exact.double().T + bias.double()
+    for level in COMPILED:
+        got = kernels.library(level).linear(kind, x, packed, bias, out_features, group).double()
+        scale = expected.abs().max() + 1
+        assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_format", ["dense", "rows-bf16", "rows-f16", "tiles-int8", "tiles-int4"])
+def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):
+    """Through PhiLinear: any leading shape, one row (decoding) and many (prefill), with and without bias."""
+    monkeypatch.setattr(phi_core.linear, "SMALL_MATRIX", 0)
+    torch.manual_seed(4)
+    for bias in (True, False):
+        layer = PhiLinear(96, 40, bias=bias)
+        layer.pack(weight_format)
+        exact = layer.unpacked_rows(0, 40).double()
+        for shape in ((96,), (1, 1, 96), (2, 5, 96), (40, 96)):
+            x = torch.randn(shape)
+            flat = x.reshape(-1, 96)
+            if weight_format.startswith("tiles") and flat.shape[0] <= layer.few_rows:
+                flat_seen = quantized_activations(flat, -(-96 // layer.group) * layer.group)[:, :96]
+            else:
+                flat_seen = flat.double()
+            expected = flat_seen @ exact.T + (layer.bias.double() if bias else 0)
+            got = layer(x)
+            assert got.shape == (*shape[:-1], 40)
+            assert (got.reshape(-1, 40).double() - expected).abs().max() <= 1e-4 * (expected.abs().max() + 1)
