@@ -12,6 +12,7 @@ from phi_cli.classify import classify_command, tag_command
 from phi_cli.convert import convert_command
 from phi_cli.errors import PhiGroup
 from phi_cli.generate import generate_command
+from phi_cli.serve import serve_command
 
 app = typer.Typer(
     cls=PhiGroup,
@@ -52,3 +53,4 @@ app.command("classify")(classify_command)
 app.command("tag")(tag_command)
 app.command("convert")(convert_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)

@@ -59,3 +59,60 @@ class KVCache:
         """Keep only the batch rows ``rows`` (a 1-D index tensor), so finished sequences stop costing compute."""
         self.keys = [stored.index_select(0, rows) for stored in self.keys]
         self.values = [stored.index_select(0, rows) for stored in self.values]
+
+    # Continuous batching (phi_core.engine): rows come and go while the batch keeps one common length.
+    @classmethod
+    def wrapping(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> KVCache:
+        """A cache over existing per-layer tensors (no copy), ``length`` positions of them already written."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.length = keys, values, length
+        return cache
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def first_rows(self, count: int) -> KVCache:
+        """The first ``count`` rows as a cache of their own that shares this one's tensors: what the model writes
+        through it lands here (its ``length`` is its own)."""
+        return KVCache.wrapping(
+            [k.narrow(0, 0, count) for k in self.keys], [v.narrow(0, 0, count) for v in self.values], self.length
+        )
+
+    def write_row(self, row: int, source: KVCache, column: int, source_row: int = 0) -> None:
+        """Copy the ``source.length`` written positions of ``source``'s row ``source_row`` into row ``row`` of this
+        cache, at columns ``column`` on (``source`` may be this cache: another row moves into ``row``)."""
+        count = source.length
+        if column < 0 or column + count > self.max_length:
+            raise PhiError(f"KV cache holds {self.max_length} positions; {column + count} were asked for")
+        for stored, given in ((self.keys, source.keys), (self.values, source.values)):
+            for mine, theirs in zip(stored, given, strict=True):
+                mine[row, :, column : column + count].copy_(theirs[source_row, :, :count])
+
+    def shift(self, rows: int, by: int) -> None:
+        """Move the written positions of the first ``rows`` rows ``by`` columns right (their left padding grows) or,
+        negative, left (the first ``-by`` columns are dropped), in place; ``length`` moves with them. Columns left
+        behind keep their old (finite) values: the caller's attention mask hides them."""
+        length = self.length + by
+        if not 0 <= length <= self.max_length:
+            raise PhiError(f"KV cache holds {self.max_length} positions; {length} were asked for")
+        start, count = max(0, -by), min(self.length, length)
+        if rows and count:
+            for stored in (*self.keys, *self.values):
+                stored[:rows, :, max(0, by) : max(0, by) + count] = stored[:rows, :, start : start + count].clone()
+        self.length = length
+
+    def resized(self, rows: int, max_length: int) -> KVCache:
+        """A new cache of ``rows`` rows and ``max_length`` positions holding this one's first rows and length; the
+        rest is zero (masked keys must be finite)."""
+        keep = min(rows, self.rows)
+        if self.length > max_length:
+            raise PhiError(f"a KV cache of {max_length} positions cannot hold {self.length}")
+        shape = (rows, self.keys[0].shape[1], max_length, self.keys[0].shape[3])
+        moved = []
+        for stored in (self.keys, self.values):
+            fresh = [torch.zeros(shape, dtype=s.dtype, device=s.device) for s in stored]
+            for new, old in zip(fresh, stored, strict=True):
+                new[:keep, :, : self.length].copy_(old[:keep, :, : self.length])
+            moved.append(fresh)
+        return KVCache.wrapping(moved[0], moved[1], self.length)

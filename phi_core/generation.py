@@ -257,7 +257,7 @@ def generate(
         scores = logits.float()
         # NaN or +inf anywhere in a row shows in its log-sum-exp and in its maximum alike.
         normalizer = torch.logsumexp(scores, dim=-1) if params.logprobs else scores.amax(dim=-1)
-        _check_finite(normalizer, model)
+        check_finite(normalizer, model)
         tokens = choose_tokens(scores.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
         if params.logprobs:
             logprobs = (scores.gather(1, tokens[:, None]).squeeze(1) - normalizer).tolist()
@@ -311,7 +311,7 @@ def advance_stream(
     return None, text
 
 
-def _check_finite(summary: torch.Tensor, model: PhiForCausalLM) -> None:
+def check_finite(summary: torch.Tensor, model: PhiForCausalLM) -> None:
     """Stop on NaN/inf logits, seen in each row's log-sum-exp or maximum (``summary``)."""
     if bool(torch.isfinite(summary).all()):
         return
