@@ -13,10 +13,10 @@ import typer
 from phi_cli.io import spinner
 from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
-from phi_core.embedded import DEFAULT_FOR_TASK
 from phi_core.loading import check_tokenizer_fits
 from phi_core.model import PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES
+from phi_core.tasks import TASKS
 
 MODEL_PANEL = "Model"
 
@@ -81,7 +81,7 @@ def model_choice(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = "auto" if torch.device(device).type == "cpu" else "float16"
-    source = DEFAULT_FOR_TASK[task] if model is None else model  # `-m ''` is a mistake, not the default
+    source = TASKS[task].embedded_default if model is None else model  # `-m ''` is a mistake, not the default
     return ModelChoice(source, revision, dtype, attn, device)
 
 

@@ -1,6 +1,17 @@
 """phi_core: a pure-PyTorch implementation of Microsoft's Phi models (Phi-1, Phi-1.5, Phi-2).
 
 The public entry points are :func:`load_model` and :func:`load_tokenizer`.
+
+Layers (a module imports only from the rows above it; tests/test_architecture.py fails on an import cycle):
+
+    errors, files                      one-line errors; reading a regular file of sane size
+    config, embedded                   the typed config and its on-disk readers; the shipped models
+    kernels, linear, precision, rotary, cache, attention, batching      the numerics
+    checkpoint, tokenizer              finding a checkpoint and reading its files inside it
+    model, tasks, layouts              the decoder and heads; one row per task; old layouts' rename table
+    loading, saving, convert           checkpoint <-> model (the inference form is one step of loading)
+    generation, generation_config, prompt_format, completion, conversation, classify, tagging, engine
+    bench, metrics, openai_protocol, server      measuring and serving
 """
 
 from phi_core.config import PhiConfig, RopeScaling

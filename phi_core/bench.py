@@ -29,11 +29,14 @@ from typing import Any, Literal
 import torch
 
 from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, attention_function, check_backend
+from phi_core.checkpoint import read_state_dict, resolve_source
 from phi_core.config import PhiConfig
 from phi_core.embedded import TINY_CONFIG
 from phi_core.errors import BackendUnavailableError, PhiError
 from phi_core.generation import GenerationParams, Timing, generate
+from phi_core.layouts import to_current_layout
 from phi_core.linear import PhiLinear
+from phi_core.loading import load_model, place_weights, storage_dtypes
 from phi_core.model import PhiForCausalLM
 from phi_core.precision import FLOAT_DTYPES, choose_precision
 
@@ -182,8 +185,6 @@ def random_model(config: PhiConfig, dtype: str | torch.dtype, device: str, seed:
     The same seed gives the same weights at every dtype (drawn in float32, then rounded), so dtypes compare on
     the same model.
     """
-    from phi_core.loading import place_weights, storage_dtypes
-
     precision = choose_precision(dtype, device, torch.float32)
     with torch.device("meta"):
         model = PhiForCausalLM(config)
@@ -380,8 +381,6 @@ def run_benchmark(settings: BenchSettings, on_step: Callable[[str], None] | None
 
 def _bench_model(settings: BenchSettings, dtype: str) -> PhiForCausalLM:
     """The checkpoint of ``settings.model`` (cut to ``settings.layers``), or random weights of the shape."""
-    from phi_core.loading import load_model
-
     if settings.model is None:
         return random_model(bench_config(settings), dtype, settings.device, settings.seed)
     model = load_model(settings.model, "causal-lm", dtype, "sdpa", settings.device)
@@ -464,11 +463,8 @@ def _twin_weights(model: PhiForCausalLM, dtype: str, settings: BenchSettings) ->
     torch_dtype = FLOAT_DTYPES[dtype]
     if settings.model is None:
         return {name: t.to(settings.device, torch_dtype) for name, t in random_state(model.config, settings.seed)}
-    from phi_core.checkpoint import read_state_dict, resolve_source
-    from phi_core.convert import to_current_layout
-
     folder = resolve_source(settings.model, None, weights=True)
-    state = to_current_layout(read_state_dict(folder), model.config, "causal-lm", folder)
+    state = to_current_layout(read_state_dict(folder), model.config, folder)
     return {name: tensor.to(settings.device, torch_dtype) for name, tensor in state.items()}
 
 

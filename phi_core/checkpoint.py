@@ -25,14 +25,21 @@ from safetensors import SafetensorError, safe_open
 from phi_core.config import PhiConfig
 from phi_core.embedded import EMBEDDED_MODELS, embedded_model_path
 from phi_core.errors import CheckpointError
+from phi_core.files import TEXT_LIMIT, first_line, read_text_file
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-# config.json, shard indexes and tokenizer files are a few MB at most (phi's tokenizer.json: 2 MB); anything much
-# larger is not a real one and is refused before it is read into memory.
-TEXT_LIMIT = 64 * 2**20
+# What a tokenizer may read from a checkpoint folder (and what a download fetches for it).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+)
 _EMBEDDED_FOLDERS = tuple(folder for folder, _ in EMBEDDED_MODELS.values())
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _UNCACHED = "not in the local Hugging Face cache, and the Hub cannot be reached"
@@ -108,28 +115,6 @@ def read_checkpoint_text(folder: Path, name: str) -> str:
     return read_text_file(checkpoint_file(folder, name, TEXT_LIMIT))
 
 
-def read_text_file(path: Path, limit: int = TEXT_LIMIT) -> str:
-    """The UTF-8 text of a regular file of at most ``limit`` bytes. Opened without blocking and checked on the open
-    handle, so a FIFO, a device or a file swapped in after a check is refused rather than read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file; refused")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path}: more than the {limit:,} bytes such a file can need; refused")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
 def read_config(folder: Path) -> PhiConfig:
     """The checkpoint's ``config.json``."""
     return PhiConfig.from_json_file(checkpoint_file(folder, "config.json", TEXT_LIMIT))
@@ -202,8 +187,6 @@ def _probe_hub(repo_id: str, revision: str | None) -> None:
 def _fetch(repo_id: str, revision: str | None, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
-
-    from phi_core.tokenizer import TOKENIZER_FILES
 
     patterns = ["config.json", "generation_config.json", *TOKENIZER_FILES]
     try:
@@ -320,9 +303,3 @@ def _pickle_tensors(path: Path, keys: set[str] | None = None) -> Iterator[tuple[
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(4) == b"PK\x03\x04"
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (or its type's name), for one-line error messages."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

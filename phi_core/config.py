@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from phi_core.errors import ConfigError
+from phi_core.files import read_text_file
 
 RopeKind = Literal["linear", "dynamic"]
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
@@ -122,6 +123,8 @@ class PhiConfig:
     id2label: Mapping[int, str] = field(default_factory=lambda: {0: "LABEL_0", 1: "LABEL_1"})
     problem_type: ProblemType | None = None
     ignored_keys: tuple[str, ...] = ()
+    # The on-disk format this config was read from ("hf", "mixformer-sequential" or "phi-msft"); not written out.
+    source_format: str = field(default="hf", compare=False)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -151,8 +154,6 @@ class PhiConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> PhiConfig:
         """Read a ``config.json`` of any supported format (a regular file of sane size: see ``docs/security.md``)."""
-        from phi_core.checkpoint import read_text_file  # checkpoint.py imports this module
-
         path = Path(path)
         try:
             raw = json.loads(read_text_file(path))
@@ -168,7 +169,8 @@ class PhiConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PhiConfig:
         """Read a config dict, choosing the format from its keys (not from ``model_type``, which lies)."""
-        return detect_config_format(raw).reader(raw)
+        config_format = detect_config_format(raw)
+        return replace(config_format.reader(raw), source_format=config_format.name)
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any]) -> PhiConfig:

@@ -1,16 +1,5 @@
-"""Old Phi checkpoint layouts, told apart by their keys and renamed to the current one through one table.
-
-Layouts (facts in ``docs/convert.md``):
-
-* ``mixformer-sequential`` (A): ``layers.0.wte``, block i at ``layers.{i+1}``, head at ``layers.{n_layer+1}``;
-* ``phi-msft`` (B): ``transformer.embd.wte``, ``transformer.h.{i}``, ``lm_head.ln`` / ``lm_head.linear``;
-* ``transformers-4.36`` (C): ``self_attn.query_key_value``, interleaved per head;
-* ``current`` (D): separate ``q_proj``/``k_proj``/``v_proj`` (transformers >= 4.37): nothing to rename.
-
-Each rule maps a source key template to a target template (``None`` drops the key) or splits a fused qkv
-tensor. ``{i}`` is the target block index; the source block number is ``i + offset`` (A counts the embedding as
-layer 0); ``{head}`` is A's head index ``n_layer + 1``. Every source key must match exactly one rule.
-"""
+"""`phi convert`: write a checkpoint of any layout (see :mod:`phi_core.layouts`) in the current one, one tensor at
+a time, checked against its config before anything is written, and published atomically."""
 
 from __future__ import annotations
 
@@ -18,7 +7,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,254 +15,24 @@ import torch
 from safetensors.torch import save_file
 
 from phi_core.checkpoint import (
+    TOKENIZER_FILES,
     checkpoint_roots,
     iter_tensors,
-    read_checkpoint_text,
     read_config,
     resolve_source,
     tensor_shapes,
 )
-from phi_core.config import PhiConfig, detect_config_format
+from phi_core.config import PhiConfig
 from phi_core.errors import CheckpointError
+from phi_core.layouts import CURRENT, HEAD_ALIASES, convert_tensors, current_layout_shapes, detect_layout
+from phi_core.loading import checked_meta_model, load_model
 from phi_core.precision import FLOAT_DTYPES, dtype_name
 from phi_core.saving import atomic_folder, checked_output, copy_tokenizer, with_dtype, write_config
-from phi_core.tokenizer import TOKENIZER_FILES
+from phi_core.tasks import head_of
 
 log = logging.getLogger("phi_core")
-Q_K_V = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_BLOCK = "model.layers.{i}."
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One source key template and what becomes of it: a target name, a qkv split, or nothing."""
-
-    source: str
-    target: str | None
-    split: str | None = None  # "contiguous" ([q | k | v] rows) or "interleaved" (per head: q, k, v)
-
-
-def _block_rules(prefix: str, names: dict[str, str | None]) -> list[Rule]:
-    return [Rule(prefix + src, None if dst is None else _BLOCK + dst) for src, dst in names.items()]
-
-
-def _param_rules(prefix: str, names: dict[str, str]) -> dict[str, str]:
-    """Expand module renames to their ``.weight`` and ``.bias`` keys."""
-    return {f"{src}.{p}": f"{dst}.{p}" for src, dst in names.items() for p in ("weight", "bias")}
-
-
-_REMOTE_BLOCK = {
-    **_param_rules(
-        "",
-        {
-            "ln": "input_layernorm",
-            "mixer.out_proj": "self_attn.dense",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-            "mlp.fc_in": "mlp.fc1",
-            "mlp.fc_out": "mlp.fc2",
-            "mlp.mlp.fc1": "mlp.fc1",
-            "mlp.mlp.fc2": "mlp.fc2",
-        },
-    ),
-    "mixer.rotary_emb.inv_freq": None,
-}
-_REMOTE_QKV = ("mixer.Wqkv.weight", "mixer.Wqkv.bias")
-_HF_BLOCK = {
-    **_param_rules(
-        "",
-        {
-            "input_layernorm": "input_layernorm",
-            "self_attn.dense": "self_attn.dense",
-            "self_attn.q_layernorm": "self_attn.q_layernorm",
-            "self_attn.k_layernorm": "self_attn.k_layernorm",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        },
-    ),
-    "self_attn.rotary_emb.inv_freq": None,
-}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One checkpoint layout: the key that identifies it, its block numbering and its rename rules."""
-
-    name: str
-    marker: str
-    block_offset: int
-    rules: tuple[Rule, ...]
-
-
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(
-        name="mixformer-sequential",
-        marker="layers.0.wte.weight",
-        block_offset=1,
-        rules=(
-            Rule("layers.0.wte.weight", "model.embed_tokens.weight"),
-            *_block_rules("layers.{i}.", _REMOTE_BLOCK),
-            *(Rule("layers.{i}." + key, _BLOCK + "self_attn", split="contiguous") for key in _REMOTE_QKV),
-            *(Rule(f"layers.{{head}}.ln.{p}", f"model.final_layernorm.{p}") for p in ("weight", "bias")),
-            *(Rule(f"layers.{{head}}.linear.{p}", f"lm_head.{p}") for p in ("weight", "bias")),
-        ),
-    ),
-    Layout(
-        name="phi-msft",
-        marker="transformer.embd.wte.weight",
-        block_offset=0,
-        rules=(
-            Rule("transformer.embd.wte.weight", "model.embed_tokens.weight"),
-            *_block_rules("transformer.h.{i}.", _REMOTE_BLOCK),
-            *(Rule("transformer.h.{i}." + key, _BLOCK + "self_attn", split="contiguous") for key in _REMOTE_QKV),
-            *(Rule(f"lm_head.ln.{p}", f"model.final_layernorm.{p}") for p in ("weight", "bias")),
-            *(Rule(f"lm_head.linear.{p}", f"lm_head.{p}") for p in ("weight", "bias")),
-        ),
-    ),
-    Layout(
-        name="transformers-4.36",
-        marker="model.layers.0.self_attn.query_key_value.weight",
-        block_offset=0,
-        rules=(
-            Rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
-            *_block_rules("model.layers.{i}.", _HF_BLOCK),
-            *(
-                Rule(f"model.layers.{{i}}.self_attn.query_key_value.{p}", _BLOCK + "self_attn", split="interleaved")
-                for p in ("weight", "bias")
-            ),
-            *(Rule(f"model.final_layernorm.{p}", f"model.final_layernorm.{p}") for p in ("weight", "bias")),
-            *(Rule(f"lm_head.{p}", f"lm_head.{p}") for p in ("weight", "bias")),
-            *(Rule(f"classifier.{p}", f"score.{p}") for p in ("weight", "bias")),
-            Rule("score.weight", "score.weight"),
-        ),
-    ),
-)
-CURRENT = "current"
-# transformers 4.36-4.47 named the token-classification head `classifier`; later versions call it `score`.
-HEAD_ALIASES = {"classifier.weight": "score.weight", "classifier.bias": "score.bias"}
-
-
-HEADS = {
-    "causal-lm": ("a causal-LM head", "lm_head.weight"),
-    "sequence-classification": ("a sequence-classification head", "score.weight without bias"),
-    "token-classification": ("a token-classification head", "score.weight and score.bias"),
-}
-
-
-def head_of(keys: Iterable[str]) -> str | None:
-    """Which task head a set of (current-layout) tensor names carries, if any."""
-    keys = set(keys)
-    if "lm_head.bias" in keys or "lm_head.weight" in keys:
-        return "causal-lm"
-    if "score.weight" in keys:
-        return "token-classification" if "score.bias" in keys else "sequence-classification"
-    return None
-
-
-def detect_layout(keys: Iterable[str]) -> str:
-    """The layout name of a checkpoint from its tensor names."""
-    keys = set(keys)
-    for layout in LAYOUTS:
-        if layout.marker in keys:
-            return layout.name
-    if "model.embed_tokens.weight" in keys or "model.layers.0.self_attn.q_proj.weight" in keys:
-        return CURRENT
-    sample = ", ".join(sorted(keys)[:5]) or "no tensors at all"
-    raise CheckpointError(f"unrecognized checkpoint layout; keys seen: {sample}")
-
-
-def to_current_layout(
-    state: dict[str, torch.Tensor], config: PhiConfig, task: str, folder: Path
-) -> dict[str, torch.Tensor]:
-    """The state dict in the current layout, converting an old layout in memory (with a logged notice)."""
-    layout = detect_layout(state)
-    if layout == CURRENT:
-        return {HEAD_ALIASES.get(k, k): v for k, v in state.items()}
-    log.warning(
-        "note: %s is in the old %s layout; converting in memory (`phi convert %s NEW_FOLDER` saves a converted copy)",
-        folder,
-        layout,
-        folder,
-    )
-    return dict(convert_tensors(state.items(), config, layout, folder))
-
-
-def current_layout_shapes(
-    shapes: dict[str, tuple[int, ...]], config: PhiConfig, folder: Path
-) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of a checkpoint renamed (and split) to the current layout, worked out on the meta device
-    from the shapes alone, so the weights can be checked against the config before any tensor is read."""
-    layout = detect_layout(shapes)
-    if layout == CURRENT:
-        return {HEAD_ALIASES.get(k, k): v for k, v in shapes.items()}
-    meta = ((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
-    return {name: tuple(tensor.shape) for name, tensor in convert_tensors(meta, config, layout, folder)}
-
-
-def convert_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], config: PhiConfig, layout_name: str, source: Path | str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename (and split) each source tensor into the current layout, one at a time."""
-    layout = next(item for item in LAYOUTS if item.name == layout_name)
-    matchers = _compile(layout, config)
-    produced: set[str] = set()
-    for key, tensor in tensors:
-        rule, index = _match(matchers, key, config, layout, source)
-        if rule.target is None:
-            continue
-        target = rule.target.format(i=index)
-        pieces = _split(rule, tensor, config, key, target) if rule.split else [(target, tensor)]
-        for name, piece in pieces:
-            if name in produced:
-                raise CheckpointError(f"{source}: {key} gives {name} a second time (two aliases of one tensor?)")
-            produced.add(name)
-            yield name, piece
-
-
-def _compile(layout: Layout, config: PhiConfig) -> list[tuple[re.Pattern[str], Rule]]:
-    head = str(config.num_hidden_layers + 1)
-    compiled = []
-    for rule in layout.rules:
-        pattern = re.escape(rule.source).replace(r"\{i\}", r"(\d+)").replace(r"\{head\}", head)
-        compiled.append((re.compile(f"^{pattern}$"), rule))
-    return compiled
-
-
-def _match(
-    matchers: list[tuple[re.Pattern[str], Rule]], key: str, config: PhiConfig, layout: Layout, source: Path | str
-) -> tuple[Rule, int]:
-    for pattern, rule in matchers:
-        found = pattern.match(key)
-        if found is None:
-            continue
-        if not found.groups():
-            return rule, -1
-        index = int(found.group(1)) - layout.block_offset
-        if 0 <= index < config.num_hidden_layers:
-            return rule, index
-    raise CheckpointError(f"{source}: unknown key {key!r} for the {layout.name} layout")
-
-
-def _split(rule: Rule, fused: torch.Tensor, config: PhiConfig, key: str, target: str) -> list[tuple[str, torch.Tensor]]:
-    """Split a fused qkv weight or bias into q_proj, k_proj and v_proj."""
-    hd, heads, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    suffix = key.rsplit(".", 1)[1]
-    rows = (heads + 2 * kv) * hd
-    if fused.shape[0] != rows or (suffix == "weight" and fused.shape[1:] != (config.hidden_size,)):
-        expected = [rows, config.hidden_size] if suffix == "weight" else [rows]
-        raise CheckpointError(f"{key} has shape {list(fused.shape)}, the config implies {expected}")
-    if rule.split == "interleaved":
-        if kv != heads:
-            raise CheckpointError(f"{key}: the interleaved 4.36 layout has no grouped key/value heads")
-        per_head = fused.reshape(heads, 3, hd, *fused.shape[1:])
-        parts = [per_head[:, j].reshape(heads * hd, *fused.shape[1:]) for j in range(3)]
-    else:
-        parts = list(torch.split(fused, [heads * hd, kv * hd, kv * hd], dim=0))
-    block = target.rsplit("self_attn", 1)[0]
-    return [(f"{block}{name}.{suffix}", part.clone()) for name, part in zip(Q_K_V, parts, strict=True)]
-
-
-# Writing a converted checkpoint ------------------------------------------------------------------------------
 KEEP = "keep"
 ENDOFTEXT_ID = 50256
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -314,8 +73,6 @@ def convert_checkpoint(
     Nothing from ``source`` is executed. ``output`` appears only once complete (an existing one is kept unless
     ``force``). ``on_tensor(name, nbytes)`` is called for each tensor written (progress bars).
     """
-
-    from phi_core.loading import checked_meta_model  # loading.py imports this module
 
     folder = resolve_source(source, revision, weights=True)
     target = _checked_output(output, folder, force)
@@ -358,9 +115,7 @@ def _checked_output(output: str | Path, folder: Path, force: bool) -> Path:
 
 def _cross_check(layout: str, config: PhiConfig, folder: Path) -> None:
     """The weights' layout and the config's format must agree (remote keys go with remote configs)."""
-
-    raw = json.loads(read_checkpoint_text(folder, "config.json"))
-    remote_config = detect_config_format(raw).name != "hf"
+    remote_config = config.source_format != "hf"
     remote_weights = layout in ("mixformer-sequential", "phi-msft")
     if remote_config != remote_weights:
         kind = "remote-code (n_embd, ...)" if remote_config else "transformers (hidden_size, ...)"
@@ -450,8 +205,6 @@ def _check_tokenizer_copied(source: Path, staging: Path, names: tuple[str, ...])
 def _verify(source: Path, converted: Path, output: str | Path) -> float:
     """Max |logit difference| between the converted checkpoint and the source weights, both run in fp32 by
     phi_core on the same fixed tokens; a non-finite difference (inf or nan logits) fails the conversion."""
-    from phi_core.loading import load_model
-
     log.disabled = True  # the in-memory conversion notice would only repeat what the converter says
     try:
         original = load_model(source, dtype="float32", attn="eager")

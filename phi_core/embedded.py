@@ -35,11 +35,6 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "tiny-classifier": ("tiny-classifier", "sequence classifier: which kind of stdlib snippet"),
     "tiny-tagger": ("tiny-tagger", "token tagger: Python token kinds"),
 }
-DEFAULT_FOR_TASK = {
-    "causal-lm": "tiny",
-    "sequence-classification": "tiny-classifier",
-    "token-classification": "tiny-tagger",
-}
 
 
 def embedded_model_path(name: str) -> Path | None:

@@ -13,11 +13,20 @@ import torch
 from phi_core.attention import check_backend
 from phi_core.checkpoint import read_config, read_state_dict, resolve_source, tensor_shapes
 from phi_core.config import PhiConfig
-from phi_core.convert import HEADS, current_layout_shapes, head_of, to_current_layout
 from phi_core.errors import CheckpointError, PhiError
+from phi_core.layouts import current_layout_shapes, to_current_layout
 from phi_core.linear import PhiLinear
-from phi_core.model import TASK_MODELS, PhiPreTrained
-from phi_core.precision import DTYPE_CHOICES, Precision, checkpoint_dtype, choose_precision
+from phi_core.model import PhiPreTrained
+from phi_core.precision import (
+    DTYPE_CHOICES,
+    FLOAT_DTYPES,
+    Precision,
+    checkpoint_dtype,
+    choose_precision,
+    dtype_name,
+    unpacked,
+)
+from phi_core.tasks import TASKS, Task, head_of, task_named, task_of
 from phi_core.tokenizer import PhiTokenizer, tokenizer_from_folder
 
 
@@ -28,6 +37,7 @@ def load_model(
     attn: str = "sdpa",
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    prepare: bool = True,
 ) -> PhiPreTrained:
     """Load a Phi checkpoint for ``task`` (``causal-lm``, ``sequence-classification``, ``token-classification``).
 
@@ -35,22 +45,25 @@ def load_model(
     Hugging Face cache; ``HF_HUB_OFFLINE=1`` is honoured). The model is built on the meta device and the
     checkpoint tensors are assigned into it one by one, in the storage ``dtype`` resolves to (see
     :func:`phi_core.precision.choose_precision`; ``model.precision`` says what was picked).
+
+    ``prepare`` puts the model in its inference form (:meth:`PhiPreTrained.prepare_for_inference`: q/k/v fused,
+    matrices packed). With ``prepare=False`` it keeps the checkpoint's names and plain ``dtype`` tensors, so it can
+    be trained or saved back (``dtype`` then names a float dtype, or ``auto`` for the checkpoint's own).
     """
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r} (choose one of {', '.join(TASK_MODELS)})")
+    task_named(task)
     if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPE_CHOICES)})")
     check_device(device)
     folder = resolve_source(source, revision, weights=True)
     config = read_config(folder)
     model = checked_meta_model(config, current_layout_shapes(tensor_shapes(folder), config, folder), task, folder)
-    state = to_current_layout(read_state_dict(folder), config, task, folder)
+    state = to_current_layout(read_state_dict(folder), config, folder)
     if model.config.tie_word_embeddings and hasattr(model, "lm_head"):
         state.pop("lm_head.weight", None)  # a tied head reuses the embedding; a stored copy is redundant
     source_dtype = checkpoint_dtype(state.values())
-    precision = choose_precision(dtype, device, source_dtype)
+    precision = choose_precision(dtype, device, source_dtype) if prepare else unprepared_precision(dtype, source_dtype)
     check_backend(attn, device, precision.compute)
-    place_weights(model, state, precision, device, source_dtype)
+    place_weights(model, state, precision, device, source_dtype, prepare)
     model.set_attention_backend(attn)
     return model.eval().requires_grad_(False)
 
@@ -104,9 +117,10 @@ def place_weights(
     precision: Precision,
     device: torch.device | str,
     source_dtype: torch.dtype,
+    prepare: bool = True,
 ) -> None:
     """Assign ``state`` (read as ``source_dtype``) into a model built on the meta device, each tensor in its
-    storage dtype, then pack.
+    storage dtype, then (``prepare``) put the model in its inference form.
 
     ``state`` is emptied on the way, so an original, its cast copy and its packed form exist for one tensor at a
     time, not for the whole model (16-bit weights then peak near half of float32's memory).
@@ -118,7 +132,20 @@ def place_weights(
     del cast
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.prepare_for_inference(precision)
+    if prepare:
+        model.prepare_for_inference(precision)
+    else:
+        model.precision = precision
+
+
+def unprepared_precision(dtype: str | torch.dtype, source_dtype: torch.dtype) -> Precision:
+    """Plain tensors of one float dtype (``auto``: the checkpoint's), for a model that is not prepared."""
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name == "auto":
+        name = dtype_name(source_dtype) if source_dtype in FLOAT_DTYPES.values() else "float32"
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {name!r} exists only in the inference form; load with prepare=True")
+    return unpacked(FLOAT_DTYPES[name], name)
 
 
 def storage_dtypes(model: PhiPreTrained, precision: Precision, source: torch.dtype) -> dict[str, torch.dtype]:
@@ -146,7 +173,7 @@ def checked_meta_model(
     (current-layout names, from the headers), and with every parameter name and shape checked against them."""
     _check_sizes(config, shapes, task, folder)
     with torch.device("meta"):
-        model = TASK_MODELS[task](config)
+        model = task_named(task).model_class(config)
     _check_names(model, shapes, folder)
     return model
 
@@ -177,7 +204,7 @@ def _check_names(model: PhiPreTrained, shapes: Mapping[str, tuple[int, ...]], fo
     if model.config.tie_word_embeddings and "lm_head.weight" in expected:
         found.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
-    _check_head(type(model), found, folder)
+    _check_head(task_of(model), found, folder)
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     if missing or unexpected:
@@ -188,13 +215,12 @@ def _check_names(model: PhiPreTrained, shapes: Mapping[str, tuple[int, ...]], fo
             raise CheckpointError(f"{folder}: {name} has shape {list(shape)}, the config implies {implied}")
 
 
-def _check_head(model_class: type[PhiPreTrained], keys: Iterable[str], folder: Path) -> None:
-    wanted = next(task for task, cls in TASK_MODELS.items() if cls is model_class)
+def _check_head(wanted: Task, keys: Iterable[str], folder: Path) -> None:
     found = head_of(keys)
-    if found == wanted:
+    if found == wanted.name:
         return
-    has = f"has {HEADS[found][0]} ({HEADS[found][1]})" if found else "has no task head (only model.*)"
-    raise CheckpointError(f"{folder}: {has}, not the {wanted} head ({HEADS[wanted][1]}) this task needs")
+    has = f"has {TASKS[found].head} ({TASKS[found].head_keys})" if found else "has no task head (only model.*)"
+    raise CheckpointError(f"{folder}: {has}, not the {wanted.name} head ({wanted.head_keys}) this task needs")
 
 
 def _describe_mismatch(missing: list[str], unexpected: list[str]) -> str:

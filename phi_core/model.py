@@ -281,13 +281,6 @@ class PhiForTokenClassification(PhiPreTrained):
         return TokenClassifierOutput(logits=self.score(self.model(input_ids, attention_mask)))
 
 
-TASK_MODELS: dict[str, type[PhiPreTrained]] = {
-    "causal-lm": PhiForCausalLM,
-    "sequence-classification": PhiForSequenceClassification,
-    "token-classification": PhiForTokenClassification,
-}
-
-
 def last_real_index(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
     """Index of each row's rightmost real token (works for left and right padding); the last one if no mask."""
     if attention_mask is None:

@@ -19,8 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from phi_core.checkpoint import TEXT_LIMIT, has_file, read_checkpoint_text, read_text_file
+from phi_core.checkpoint import has_file, read_checkpoint_text
 from phi_core.errors import CheckpointError, PhiError
+from phi_core.files import TEXT_LIMIT, read_text_file
 from phi_core.tokenizer import ENDOFTEXT
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

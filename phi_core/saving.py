@@ -23,18 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from phi_core.checkpoint import TEXT_LIMIT, checkpoint_file, first_line, has_file
+from phi_core.checkpoint import TOKENIZER_FILES, checkpoint_file, has_file
 from phi_core.config import PhiConfig
-from phi_core.errors import CheckpointError
+from phi_core.errors import CheckpointError, PhiError
+from phi_core.files import TEXT_LIMIT, first_line
 from phi_core.model import PhiPreTrained
 from phi_core.precision import dtype_name
-from phi_core.tokenizer import TOKENIZER_FILES
-
-ARCHITECTURES = {
-    "causal-lm": "PhiForCausalLM",
-    "sequence-classification": "PhiForSequenceClassification",
-    "token-classification": "PhiForTokenClassification",
-}
+from phi_core.tasks import TASKS, task_of
 
 
 @contextmanager
@@ -198,7 +193,7 @@ def _exit_on_signal(number: int, frame: object) -> NoReturn:
 def write_config(folder: Path, config: PhiConfig, task: str) -> None:
     """config.json (loadable by transformers 4.37+ and 5.x) and generation_config.json."""
     raw = config.to_hf_dict()
-    raw["architectures"] = [ARCHITECTURES[task]]
+    raw["architectures"] = [TASKS[task].architecture]
     (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
@@ -215,19 +210,24 @@ def model_tensors(model: PhiPreTrained, dtype: torch.dtype | None = None) -> dic
 def save_model(
     model: PhiPreTrained,
     output: Path,
-    task: str,
     dtype: torch.dtype | None = None,
     tokenizer_dir: Path | None = None,
     force: bool = False,
     tokenizer_files: tuple[str, ...] | None = None,
 ) -> None:
     """Save ``model`` as a current-layout checkpoint folder, with the tokenizer files of ``tokenizer_dir`` (all, or
-    only ``tokenizer_files``)."""
+    only ``tokenizer_files``). A model in its inference form (fused, packed) has lost the checkpoint's names and
+    values' layout, and is refused."""
+    if model.is_prepared:
+        raise PhiError(
+            "this model is in its inference form (q/k/v fused, weights packed) and cannot be saved as a checkpoint; "
+            "load it with load_model(..., prepare=False) to save it"
+        )
     with atomic_folder(output, force=force) as staging:
         config = model.config
         if dtype is not None:
             config = with_dtype(config, dtype)
-        write_config(staging, config, task)
+        write_config(staging, config, task_of(model).name)
         save_file(model_tensors(model, dtype), str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, staging, tokenizer_files)

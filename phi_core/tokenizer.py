@@ -11,18 +11,11 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from phi_core.checkpoint import TEXT_LIMIT, checkpoint_file, first_line, has_file, read_checkpoint_text
+from phi_core.checkpoint import checkpoint_file, has_file, read_checkpoint_text
 from phi_core.errors import CheckpointError
+from phi_core.files import TEXT_LIMIT, first_line
 
 ENDOFTEXT = "<|endoftext|>"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-)
 
 
 class PhiTokenizer:

@@ -203,7 +203,6 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
     save_model(
         model,
         Path(args.out),
-        "causal-lm",
         dtype=torch.float16,
         tokenizer_dir=TOKENIZER_DIR,
         force=True,

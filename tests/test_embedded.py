@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 import phi_core
 from phi_cli.main import app
-from phi_core.embedded import DEFAULT_FOR_TASK, EMBEDDED_MODELS, embedded_model_path
+from phi_core.embedded import EMBEDDED_MODELS, embedded_model_path
 from phi_core.generation import GenerationParams, generate
+from phi_core.tasks import TASKS
 
 CLASSES = {
     "causal-lm": "PhiForCausalLM",
@@ -20,11 +21,11 @@ CLASSES = {
 }
 
 
-@pytest.mark.parametrize("task", sorted(DEFAULT_FOR_TASK))
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_shipped_models_match_transformers(task):
     import transformers
 
-    name = DEFAULT_FOR_TASK[task]
+    name = TASKS[task].embedded_default
     folder = embedded_model_path(name)
     ours = phi_core.load_model(name, task=task)
     theirs = getattr(transformers, CLASSES[task]).from_pretrained(folder, dtype=torch.float32)

@@ -25,8 +25,9 @@ import phi_core
 import phi_core.convert
 import phi_core.saving
 from phi_core import CheckpointError, ConfigError, PhiError
-from phi_core.checkpoint import TEXT_LIMIT, read_text_file, resolve_source
+from phi_core.checkpoint import resolve_source
 from phi_core.convert import convert_checkpoint
+from phi_core.files import TEXT_LIMIT, read_text_file
 from phi_core.loading import check_device, check_tokenizer_fits
 from phi_core.saving import atomic_folder, rename_new
 
