@@ -113,7 +113,9 @@ def test_generate_mode_counts_new_tokens(lm_checkpoint):
     assert row.tokens == 10 and row.tokens_per_s > 0 and row.attention_seconds is None
     # The first new token of each row comes from the prefill: 4 decode steps of 2 rows.
     assert row.decode_tokens == 8 and len(row.decode_seconds) == 1
-    assert 0 < row.decode_seconds[0] < row.seconds[0] and row.decode_tokens_per_s > row.tokens_per_s
+    # How the decode rate compares with the whole run's depends on the machine's load: not a test.
+    assert 0 < row.decode_seconds[0] < row.seconds[0]
+    assert row.decode_tokens_per_s == row.decode_tokens / row.decode_seconds[0]
 
 
 @pytest.mark.skipif(not packed_formats_available(), reason="this torch build has no fbgemm")
