@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, model_choice, silence_notices
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, model_choice, silence_notices
 
 SERVER = "Server"
 
@@ -43,11 +43,20 @@ def serve_command(
         str | None,
         typer.Option(help="The model id clients send.", show_default="--model as given", rich_help_panel=SERVER),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for the model (fewer than cores on a busy machine).",
+            show_default="one per core",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
     shutdown_timeout: Annotated[
         float,
         typer.Option(min=0.0, help="Seconds SIGINT/SIGTERM waits for running requests.", rich_help_panel=SERVER),
     ] = 10.0,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log lines on stderr.")] = False,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
@@ -80,5 +89,6 @@ def serve_command(
         shutdown_timeout=shutdown_timeout,
         quiet=quiet,
         name=served_model_name,
+        threads=threads,
     )
     serve(settings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -28,6 +29,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from phi_core.engine import Engine, EngineClosed, EngineEvent, EngineFull, EngineRequest, RequestHandle, Token, is_last
 from phi_core.errors import PhiError
@@ -85,6 +88,7 @@ class ServeSettings:
     shutdown_timeout: float = 10.0
     quiet: bool = False
     name: str | None = None
+    threads: int | None = None  # torch's CPU threads (None: torch's default, one per core)
 
 
 class ModelService:
@@ -121,11 +125,19 @@ class ModelService:
 
 
 # Running the server -------------------------------------------------------------------------------------------
-def serve(settings: ServeSettings) -> None:
-    """Run the server until SIGINT/SIGTERM; raises PhiError if it cannot listen or the model cannot be loaded."""
+Loader = Callable[[], tuple[PhiForCausalLM, PhiTokenizer, GenerationDefaults]]
+
+
+def serve(settings: ServeSettings, load: Loader | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; raises PhiError if it cannot listen or the model cannot be loaded.
+
+    ``load`` gives the model, tokenizer and generation defaults (default: ``settings.source`` through
+    :func:`phi_core.load_model`; the serving benchmark passes random weights)."""
     if not HAVE_SERVE_EXTRA:
         raise PhiError(INSTALL_HINT)
     _configure_log(settings.quiet)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     service = ModelService(
         settings.name or settings.source, settings.max_batch, settings.max_queue, settings.max_tokens_default
     )
@@ -139,30 +151,36 @@ def serve(settings: ServeSettings) -> None:
     server = GracefulServer(config, service)
     host, port = sock.getsockname()[:2]
     log.info("phi serve: listening on http://%s:%d, loading %s", _url_host(host), port, settings.source)
-    threading.Thread(target=_load, args=(service, settings, server), name="phi-load", daemon=True).start()
+    load = load or functools.partial(_load_checkpoint, settings)
+    threading.Thread(target=_load, args=(service, load, server), name="phi-load", daemon=True).start()
     server.run(sockets=[sock])
     if service.failure:
         raise PhiError(service.failure)
     log.info("phi serve: stopped")
 
 
-def _load(service: ModelService, settings: ServeSettings, server: GracefulServer) -> None:
-    from phi_core.checkpoint import resolve_source
-    from phi_core.generation_config import generation_defaults
-    from phi_core.loading import load_model, load_tokenizer
-
+def _load(service: ModelService, load: Loader, server: GracefulServer) -> None:
     try:
         started = time.perf_counter()
-        source, revision = settings.source, settings.revision
-        model = load_model(source, "causal-lm", settings.dtype, settings.attn, settings.device, revision)
-        assert isinstance(model, PhiForCausalLM)
-        defaults = generation_defaults(resolve_source(source, revision, weights=False))
-        service.attach(model, load_tokenizer(source, revision), defaults)
+        model, tokenizer, defaults = load()
+        service.attach(model, tokenizer, defaults)
         seconds = time.perf_counter() - started
         log.info("phi serve: ready in %.1f s (%s); model id %r", seconds, model.precision.describe(), service.name)
     except Exception as exc:  # the CLI reports it as one line once the server is down
         service.failure = str(exc) if isinstance(exc, PhiError) else f"{type(exc).__name__}: {exc}"
         server.should_exit = True
+
+
+def _load_checkpoint(settings: ServeSettings) -> tuple[PhiForCausalLM, PhiTokenizer, GenerationDefaults]:
+    from phi_core.checkpoint import resolve_source
+    from phi_core.generation_config import generation_defaults
+    from phi_core.loading import load_model, load_tokenizer
+
+    source, revision = settings.source, settings.revision
+    model = load_model(source, "causal-lm", settings.dtype, settings.attn, settings.device, revision)
+    assert isinstance(model, PhiForCausalLM)
+    defaults = generation_defaults(resolve_source(source, revision, weights=False))
+    return model, load_tokenizer(source, revision), defaults
 
 
 def _configure_log(quiet: bool) -> None:
