@@ -26,36 +26,40 @@ class Terminated(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 129 for SIGHUP
+
+# The ending signals that arrived. The exception a handler raises can be replaced on its way out: C code that
+# called back into Python (torch, safetensors) may report its own error instead. This list still tells.
+received: list[int] = []
 
 
-def raise_terminated(signum: int, _frame: object) -> None:
-    raise Terminated(signum)
+def ending(signum: int) -> tuple[str, int]:
+    """The one-line message and the exit code for a run that ``signum`` ended."""
+    if signum == signal.SIGINT:
+        return "interrupted", 130
+    return f"terminated by {signal.Signals(signum).name}", 128 + signum  # the shell's convention: 143, 129
+
+
+def raise_ending(signum: int, _frame: object) -> None:
+    received.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def exit_at_once(signum: int, _frame: object) -> None:
     """While the CLI imports there is nothing to clean up, and an exception raised inside torch's import can
     abort the process (C++ code calling back into Python), so leave at once, with the same one line."""
-    ending = Terminated(signum)
-    message = "interrupted" if signum == signal.SIGINT else f"terminated by {ending}"
+    message, code = ending(signum)
     newline = "\n" if os.isatty(2) else ""  # end the line the terminal's ^C echo is on
     with contextlib.suppress(OSError):  # stderr closed: the exit code still tells
         os.write(2, f"{newline}error: {message}\n".encode())
-    os._exit(130 if signum == signal.SIGINT else ending.exit_code)
+    os._exit(code)
 
 
 def install_signal_handlers(importing: bool = False) -> None:
     """Handlers for SIGINT, SIGTERM and SIGHUP (those the parent left ignored stay ignored: `nohup phi ...`):
-    :func:`exit_at_once` while ``importing``, then KeyboardInterrupt and :class:`Terminated`."""
+    :func:`exit_at_once` while ``importing``, then :func:`raise_ending`."""
     for signum in ENDING_SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_IGN:
-            continue
-        if importing:
-            signal.signal(signum, exit_at_once)
-        else:
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else raise_terminated)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, exit_at_once if importing else raise_ending)
 
 
 def main() -> None:
@@ -83,12 +87,13 @@ def _run_cli(app: Callable[[], object]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except KeyboardInterrupt:
-        _print_error("interrupted")
-        return 130
+        message, code = ending(signal.SIGINT)
     except Terminated as exc:
-        _print_error(f"terminated by {exc}")
-        return exc.exit_code
-    return 0
+        message, code = ending(exc.signum)
+    else:
+        return 0
+    _print_error(message)
+    return code
 
 
 def _flush_stdout(code: int) -> int:

@@ -14,6 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from phi_cli import entry
 from phi_cli.entry import INTERNAL_ERROR, Terminated
 from phi_core.errors import PhiError
 
@@ -83,13 +84,15 @@ class PhiGroup(TyperGroup):
         except typer.Abort:
             fail("interrupted", 130)
         except Terminated as exc:
-            fail(f"terminated by {exc}", exc.exit_code)
+            fail(*entry.ending(exc.signum))
         except typer.TyperException as exc:  # the parser's usage errors
             message = message_of(exc)
             if not message.strip():  # `phi` alone: the help was printed, nothing went wrong
                 sys.exit(0)
             fail(message, exc.exit_code)
         except Exception as exc:
+            if entry.received:  # the signal's exception, replaced on its way out by C code's own error
+                fail(*entry.ending(entry.received[0]))
             if os.environ.get("PHI_DEBUG"):
                 raise
             fail(message_of(exc), exit_code_for(exc) or INTERNAL_ERROR)

@@ -139,6 +139,21 @@ def test_sigterm_and_sighup_during_convert_leave_no_partial_folder(lm_checkpoint
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
+def test_signal_whose_exception_c_code_replaced_still_ends_phi_as_terminated(monkeypatch, tmp_path):
+    # Seen with SIGTERM inside torch's serialization: the Terminated the handler raised came out as torch's
+    # own ValueError ("could not determine the shape of object type ..."), exit code 2 instead of 143.
+    def convert_in_c(*args, **kwargs):
+        try:
+            entry.raise_ending(signal.SIGTERM, None)
+        except BaseException:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setattr(entry, "received", [])
+    monkeypatch.setattr("phi_cli.convert.convert_checkpoint", convert_in_c)
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert (result.exit_code, result.stderr) == (143, "error: terminated by SIGTERM\n")
+
+
 # --- What a terminal shows ------------------------------------------------------------------------------------
 
 HOSTILE = "\x1b]0;owned\x07[bold]x[/bold] = 1\x08\x08\x08masked"  # a window title, Rich markup, backspaces
