@@ -152,6 +152,12 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="phi-engine", daemon=True)
         self._thread.start()
 
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     @property
     def waiting(self) -> int:
         """Requests queued for a row."""
@@ -172,8 +178,11 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down")
-            if self._active + len(handles) > self.max_batch + self.max_queue:
-                raise EngineFull(f"too many requests: {self.max_queue} are already waiting")
+            capacity = self.max_batch + self.max_queue
+            if len(handles) > capacity:
+                raise EngineFull(f"{len(handles)} sequences at once; this server takes at most {capacity}")
+            if self._active + len(handles) > capacity:
+                raise EngineFull(f"the queue is full ({self.max_queue} waiting at most)")
             self._waiting.extend(handles)
             self._active += len(handles)
             self._lock.notify_all()

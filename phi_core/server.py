@@ -540,6 +540,8 @@ class _Run:
     async def collect(self, request: Request) -> dict[str, Any]:
         """Wait for every choice (cancelling them all if the client goes away) and build the completion."""
         watcher = asyncio.create_task(self._cancel_on_disconnect(request))
+        for choice in self.choices:
+            choice.start()
         try:
             async for index, event in self._events():
                 self.choices[index].add(event)

@@ -80,9 +80,8 @@ def test_many_rows_coming_and_going_with_cache_compaction(lm_checkpoint, monkeyp
     monkeypatch.setattr(
         phi_core.engine._RunningBatch, "_shift", lambda self, by: shifts.append(by) or original(self, by)
     )
-    engine = Engine(model, tokenizer, max_batch=3, max_queue=20)
     words = tokenizer.encode(" ".join(PROMPTS))
-    try:
+    with Engine(model, tokenizer, max_batch=3, max_queue=20) as engine:
         requests = [
             EngineRequest(
                 words[i : i + 2 + 5 * (i % 3)], GenerationParams(max_new_tokens=4 + 6 * (i % 6), ignore_eos=True)
@@ -93,8 +92,6 @@ def test_many_rows_coming_and_going_with_cache_compaction(lm_checkpoint, monkeyp
         for index, event in engine.run(requests, TIMEOUT):
             if isinstance(event, Token):
                 results[index].append(event.token_id)
-    finally:
-        engine.shutdown()
     for index, request in enumerate(requests):
         assert results[index] == alone((model, tokenizer), request.prompt, request.params), index
     assert any(by < 0 for by in shifts) and any(by > 0 for by in shifts)

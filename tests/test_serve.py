@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -256,16 +257,17 @@ def test_stop_string_across_tokens(server, tiny):
 def test_echo_logprobs_are_the_models_log_softmax(server, tiny):
     model, tokenizer = tiny
     prompt = "def add(a, b):\n    return"
-    result = server.client().completions.create(
-        model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=3
-    )
-    choice = result.choices[0]
-    logprobs = choice.logprobs
+    client = server.client()
+    as_ids = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, **GREEDY | {"logprobs": 3})
+    everything = token_ids(as_ids.choices[0])
     ids = tokenizer.encode(prompt)
-    generated = tokenizer.encode(choice.text[len(prompt) :])
-    everything = ids + generated
-    assert choice.text.startswith(prompt) and len(logprobs.tokens) == len(everything)
-    assert logprobs.tokens == [tokenizer.decode([t]) for t in everything]
+    assert everything[: len(ids)] == ids and len(everything) == len(ids) + 3
+    choice = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=3, **PLAIN
+    ).choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == prompt + tokenizer.decode(everything[len(ids) :])
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in everything] and "".join(logprobs.tokens) == choice.text
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     expected = torch.log_softmax(model(torch.tensor([everything])).logits[0].float(), dim=-1)
     for position in range(1, len(everything)):
@@ -274,7 +276,8 @@ def test_echo_logprobs_are_the_models_log_softmax(server, tiny):
         best = [tokenizer.decode([t]) for t in torch.topk(row, 3).indices.tolist()]
         assert set(best) <= set(logprobs.top_logprobs[position])
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[len(ids)] == len(prompt)
-    assert "".join(logprobs.tokens) == choice.text
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, **PLAIN)
+    assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
 
 
 def test_max_tokens_zero_with_echo_scores_the_prompt(server, tiny):
@@ -342,6 +345,21 @@ def test_full_queue_is_429_and_a_cancelled_request_frees_its_rows(server):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.completions.create(model="tiny", prompt="x", max_tokens=1).choices[0].finish_reason
+
+
+def test_a_client_that_goes_away_frees_its_row(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 900, "ignore_eos": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + TIMEOUT
+    while not batch_size(server):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    connection.close()  # without reading the answer
+    while batch_size(server):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "prompt=1 completion=" in server.stderr()
 
 
 def metric(server: Server, name: str) -> float:
