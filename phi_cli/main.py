@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from phi_cli.bench import bench_command
+from phi_cli.chat import chat_command
 from phi_cli.classify import classify_command, tag_command
 from phi_cli.convert import convert_command
 from phi_cli.errors import PhiGroup
@@ -54,3 +55,4 @@ app.command("tag")(tag_command)
 app.command("convert")(convert_command)
 app.command("bench")(bench_command)
 app.command("serve")(serve_command)
+app.command("chat")(chat_command)

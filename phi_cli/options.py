@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -13,6 +14,8 @@ import typer
 from phi_cli.io import spinner
 from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
+from phi_core.checkpoint import resolve_source
+from phi_core.generation_config import GenerationOverrides
 from phi_core.loading import check_tokenizer_fits
 from phi_core.model import PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES
@@ -57,9 +60,9 @@ SeedOpt = Annotated[
 ]
 
 
-def finite(value: float) -> float:
-    """Option callback that refuses nan and inf, which every range check lets through."""
-    if not math.isfinite(value):
+def finite(value: float | None) -> float | None:
+    """Option callback that refuses nan and inf, which every range check lets through (None: not given)."""
+    if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
 
@@ -109,3 +112,74 @@ def load_for_task(
 def silence_notices(quiet: bool) -> None:
     """phi_core logs notices (not errors) on the "phi_core" logger; --quiet turns them off."""
     logging.getLogger("phi_core").setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+# Generation options, shared by every command that generates. None means "not given": the checkpoint's
+# generation_config.json decides, then the built-in defaults (phi_core.generation_config).
+SAMPLING_PANEL = "Sampling"
+MaxNewTokensOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Most tokens to generate.", show_default="the checkpoint's max_new_tokens, else 128"),
+]
+SampleOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--sample/--greedy",
+        help="Sample, or take the likeliest token.",
+        show_default="the checkpoint's do_sample, else greedy",
+        rich_help_panel=SAMPLING_PANEL,
+    ),
+]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, callback=finite, help="0 = greedy; > 0 samples.", rich_help_panel=SAMPLING_PANEL),
+]
+TopKOpt = Annotated[
+    int | None, typer.Option(min=0, help="Keep the k likeliest tokens (0 = all).", rich_help_panel=SAMPLING_PANEL)
+]
+TopPOpt = Annotated[
+    float | None, typer.Option(callback=finite, help="Nucleus sampling mass.", rich_help_panel=SAMPLING_PANEL)
+]
+MinPOpt = Annotated[
+    float | None,
+    typer.Option(
+        callback=finite, help="Drop tokens below min_p x the best token's probability.", rich_help_panel=SAMPLING_PANEL
+    ),
+]
+RepetitionPenaltyOpt = Annotated[
+    float | None, typer.Option(callback=finite, help="> 1 discourages repeats.", rich_help_panel=SAMPLING_PANEL)
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Prompt format: code (as is), instruct ('Instruct: ...\\nOutput:'), chat ('Alice: ...\\nBob:'), or a "
+        "FILE.jinja chat template.",
+        show_default="the checkpoint's chat template, else code",
+    ),
+]
+
+
+def generation_overrides(
+    max_new_tokens: int | None,
+    sample: bool | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+) -> GenerationOverrides:
+    """The generation flags a user gave (None where not given), checked like the checkpoint's own values."""
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise typer.BadParameter(f"{top_p} is not in (0, 1]", param_hint="--top-p")
+    if min_p is not None and not 0.0 <= min_p < 1.0:
+        raise typer.BadParameter(f"{min_p} is not in [0, 1)", param_hint="--min-p")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise typer.BadParameter(f"{repetition_penalty} is not > 0", param_hint="--repetition-penalty")
+    return GenerationOverrides(sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed)
+
+
+def model_folder(model: str | None, revision: str | None, task: str = "causal-lm") -> Path:
+    """The local folder of the model a command runs (no weights fetched: they were loaded already)."""
+    return resolve_source(TASKS[task].embedded_default if model is None else model, revision, weights=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,8 +25,9 @@ from phi_core.generation import (
     choose_tokens,
     end_of_text_ids,
 )
+from phi_core.generation_config import GenerationOverrides, generation_defaults, resolve_generation
 from phi_core.model import PhiForCausalLM
-from phi_core.prompt_format import PromptFormat
+from phi_core.prompt_format import PromptFormat, choose_format, special_tokens
 from phi_core.tokenizer import PhiTokenizer
 
 log = logging.getLogger("phi_core")
@@ -151,6 +153,22 @@ class Conversation:
                 step = torch.tensor([[token]], device=self.model.device)
                 logits = self.model(step, cache=self._cache, last_only=True).logits[0, -1]
             self._cached.append(token)
+
+
+def open_conversation(
+    model: PhiForCausalLM,
+    tokenizer: PhiTokenizer,
+    folder: Path,
+    overrides: GenerationOverrides,
+    format_name: str | None = None,
+    system: str | None = None,
+    stop: tuple[str, ...] = (),
+) -> Conversation:
+    """A conversation with the checkpoint in ``folder``: its own chat template (or ``format_name``, a built-in
+    format or a ``.jinja`` file), its special tokens, and its generation defaults under ``overrides``."""
+    prompt_format = choose_format(format_name, folder)
+    params = resolve_generation(overrides, generation_defaults(folder), stop=stop).params
+    return Conversation(model, tokenizer, prompt_format, params, special_tokens(folder), system)
 
 
 def _shared_prefix(first: list[int], second: list[int]) -> int:
