@@ -21,15 +21,23 @@ from phi_cli.options import (
     AttnOpt,
     DeviceOpt,
     DtypeOpt,
+    FormatOpt,
+    MaxNewTokensOpt,
+    MinPOpt,
     ModelOpt,
     QuietOpt,
+    RepetitionPenaltyOpt,
     RevisionOpt,
+    SampleOpt,
     SeedOpt,
-    finite,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    generation_overrides,
     load_for_task,
+    model_folder,
 )
-from phi_core.completion import PROMPT_FORMATS, Completion, PromptToken, complete
-from phi_core.generation import GenerationParams, SamplingParams
+from phi_core.completion import Completion, CompletionSetup, PromptToken, complete, completion_setup
 
 SAMPLING = "Sampling"
 OUTPUT = "Input and output"
@@ -42,38 +50,21 @@ def generate_command(
             help="The prompt; - or none reads it from stdin. Piped stdin and a PROMPT: stdin, a blank line, PROMPT."
         ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per prompt.")] = 128,
+    max_new_tokens: MaxNewTokensOpt = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop when this text appears (repeatable); not printed.")
     ] = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Keep going past <|endoftext|>.")] = False,
-    prompt_format: Annotated[
-        Literal["code", "instruct", "chat"],
-        typer.Option(
-            "--format", help="code: the prompt as is; instruct: 'Instruct: ...\\nOutput:'; chat: 'Alice: ...\\nBob:'."
-        ),
-    ] = "code",
+    ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-text token(s).")] = False,
+    prompt_format: FormatOpt = None,
     truncate: Annotated[
         Literal["left"] | None, typer.Option(help="'left': drop the start of a prompt too long for the context.")
     ] = None,
-    temperature: Annotated[
-        float, typer.Option(min=0.0, callback=finite, help="0 = greedy.", rich_help_panel=SAMPLING)
-    ] = 0.0,
-    top_k: Annotated[
-        int, typer.Option(min=0, help="Keep the k likeliest tokens (0 = all).", rich_help_panel=SAMPLING)
-    ] = 0,
-    top_p: Annotated[
-        float, typer.Option(callback=finite, help="Nucleus sampling mass.", rich_help_panel=SAMPLING)
-    ] = 1.0,
-    min_p: Annotated[
-        float,
-        typer.Option(
-            callback=finite, help="Drop tokens below min_p x the best token's probability.", rich_help_panel=SAMPLING
-        ),
-    ] = 0.0,
-    repetition_penalty: Annotated[
-        float, typer.Option(callback=finite, help="> 1 discourages repeats.", rich_help_panel=SAMPLING)
-    ] = 1.0,
+    sample: SampleOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
     input_file: Annotated[
         str | None,
@@ -109,22 +100,17 @@ def generate_command(
     phi generate --input prompts.jsonl --json > out.jsonl
     """
     records = _records(prompt, input_file, quiet)
-    params = GenerationParams(
-        max_new_tokens=max_new_tokens,
-        stop=tuple(stop or ()),
-        ignore_eos=ignore_eos,
-        sampling=SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed),
-        logprobs=False,  # not printed
-    )
+    overrides = generation_overrides(max_new_tokens, sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
+    setup = completion_setup(model_folder(model, revision), overrides, prompt_format, tuple(stop or ()), ignore_eos)
     as_json = json_output or input_file is not None
-    results = complete(
-        lm, tokenizer, [r["prompt"] for r in records], params, batch_size, prompt_format, truncate == "left"
-    )
+    prompts = [r["prompt"] for r in records]
+    fmt, special = setup.prompt_format, setup.special_tokens
+    results = complete(lm, tokenizer, prompts, setup.params, batch_size, fmt, truncate == "left", special)
     finished: list[Completion] = []
     with progress_bar(len(records), "generating", enabled=len(records) > 1 and not quiet) as advance:
         if echo and not as_json:
-            _write(PROMPT_FORMATS[prompt_format].template.format(prompt=records[0]["prompt"]))
+            _write(fmt.render_prompt(records[0]["prompt"], special))
         for item in results:
             if isinstance(item, PromptToken):
                 if not as_json:
@@ -133,11 +119,11 @@ def generate_command(
             finished.append(item)
             advance()
             if as_json:
-                write_json_line(_result_record(records[item.index], item, lm.precision.weights))
+                write_json_line(_result_record(records[item.index], item, lm.precision.weights, setup))
     if not as_json:
         _write("\n")
     if stats:
-        _print_stats(finished, lm.precision.describe(), batch_size)
+        _print_stats(finished, lm.precision.describe(), batch_size, setup)
 
 
 def _records(prompt: str | None, input_file: str | None, quiet: bool) -> list[dict[str, Any]]:
@@ -167,7 +153,7 @@ def _prompt_text(prompt: str | None, quiet: bool) -> str:
     return piped.rstrip("\n") + "\n\n" + text if piped.strip() else text
 
 
-def _result_record(record: dict[str, Any], done: Completion, dtype: str) -> dict[str, Any]:
+def _result_record(record: dict[str, Any], done: Completion, dtype: str, setup: CompletionSetup) -> dict[str, Any]:
     return {
         **record,
         "prompt": done.prompt,
@@ -180,6 +166,8 @@ def _result_record(record: dict[str, Any], done: Completion, dtype: str) -> dict
         "decode_s": round(done.decode_s, 4),
         "tokens_per_s": round(done.tokens_per_s, 2),
         "dtype": dtype,
+        "format": setup.prompt_format.name,
+        "generation": setup.generation.report(),
     }
 
 
@@ -188,7 +176,7 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _print_stats(finished: list[Completion], precision: str, batch_size: int) -> None:
+def _print_stats(finished: list[Completion], precision: str, batch_size: int, setup: CompletionSetup) -> None:
     # complete() runs prompts in consecutive batches of batch_size; the completions of one batch share one
     # prefill and one decode clock, which ran until its last row finished. Batches run one after another.
     per_batch: dict[int, list[Completion]] = {}
@@ -205,4 +193,8 @@ def _print_stats(finished: list[Completion], precision: str, batch_size: int) ->
         highlight=False,
         markup=False,
         soft_wrap=True,
+    )
+    settings = ", ".join(f"{name}={value} ({origin})" for name, (value, origin) in setup.generation.settings.items())
+    stderr.print(
+        f"format {setup.prompt_format.name}; generation: {settings}", highlight=False, markup=False, soft_wrap=True
     )

@@ -7,29 +7,44 @@ This is what ``phi generate`` calls: it yields every token as it is generated (f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from phi_core.batching import batches
 from phi_core.errors import PhiError
 from phi_core.generation import FinishReason, GenerationParams, Timing, TokenEvent, fit_prompt, generate
+from phi_core.generation_config import GenerationOverrides, ResolvedGeneration, generation_defaults, resolve_generation
 from phi_core.model import PhiForCausalLM
+from phi_core.prompt_format import BUILT_IN_FORMATS, PromptFormat, choose_format, special_tokens
 from phi_core.tokenizer import PhiTokenizer
 
 
 @dataclass(frozen=True)
-class PromptFormat:
-    """How a prompt is wrapped, and the stop string that ends the model's turn (base Phi-2 never stops)."""
+class CompletionSetup:
+    """How a checkpoint's prompts are wrapped and generated: the prompt format, the special tokens its template
+    sees, and the generation settings (the checkpoint's defaults under the caller's overrides, each with its
+    origin)."""
 
-    template: str
-    stop: tuple[str, ...]
+    prompt_format: PromptFormat
+    special_tokens: dict[str, str]
+    generation: ResolvedGeneration
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.generation.params
 
 
-PROMPT_FORMATS = {
-    "code": PromptFormat("{prompt}", ()),
-    "instruct": PromptFormat("Instruct: {prompt}\nOutput:", ("\nInstruct:",)),
-    "chat": PromptFormat("Alice: {prompt}\nBob:", ("\nAlice:",)),
-}
+def completion_setup(
+    folder: Path,
+    overrides: GenerationOverrides,
+    format_name: str | None = None,
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+) -> CompletionSetup:
+    """The setup for completing prompts with the checkpoint in ``folder`` (its template, tokens and defaults)."""
+    generation = resolve_generation(overrides, generation_defaults(folder), stop=stop, ignore_eos=ignore_eos)
+    return CompletionSetup(choose_format(format_name, folder), special_tokens(folder), generation)
 
 
 @dataclass(frozen=True)
@@ -68,34 +83,37 @@ def complete(
     prompts: Sequence[str],
     params: GenerationParams,
     batch_size: int = 8,
-    prompt_format: str = "code",
+    prompt_format: PromptFormat = BUILT_IN_FORMATS["code"],
     truncate: bool = False,
+    special: Mapping[str, str] | None = None,
 ) -> Iterator[PromptToken | Completion]:
-    """Generate for every prompt, ``batch_size`` at a time; yield tokens as they come and completions per batch."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {prompt_format!r} (choose one of {', '.join(PROMPT_FORMATS)})")
-    fmt = PROMPT_FORMATS[prompt_format]
-    params = replace(params, stop=(*params.stop, *fmt.stop))
+    """Generate for every prompt, ``batch_size`` at a time; yield tokens as they come and completions per batch.
+
+    Each prompt is one user message rendered through ``prompt_format`` (whose stop strings end the turn)."""
+    params = replace(params, stop=(*params.stop, *prompt_format.stop))
     for chunk in batches(len(prompts), batch_size):
-        batch = [prompts[i] for i in chunk]
-        yield from _complete_batch(model, tokenizer, batch, fmt, chunk.start, params, truncate)
+        texts = [_rendered(prompts[i], i, prompt_format, special) for i in chunk]
+        yield from _complete_batch(model, tokenizer, texts, [prompts[i] for i in chunk], chunk.start, params, truncate)
+
+
+def _rendered(prompt: str, index: int, prompt_format: PromptFormat, special: Mapping[str, str] | None) -> str:
+    if not prompt.strip():
+        raise PhiError(f"prompt {index + 1} is empty")
+    return prompt_format.render_prompt(prompt, special)
 
 
 def _complete_batch(
     model: PhiForCausalLM,
     tokenizer: PhiTokenizer,
+    texts: list[str],
     prompts: list[str],
-    fmt: PromptFormat,
     start: int,
     params: GenerationParams,
     truncate: bool,
 ) -> Iterator[PromptToken | Completion]:
     context = model.config.max_position_embeddings
     encoded = []
-    for offset, prompt in enumerate(prompts):
-        if not prompt.strip():
-            raise PhiError(f"prompt {start + offset + 1} is empty")
-        text = fmt.template.format(prompt=prompt)
+    for text in texts:
         ids = tokenizer.encode(text)
         encoded.append(fit_prompt(ids, params.new_token_limit(len(ids)), context, truncate))
     timing = Timing()

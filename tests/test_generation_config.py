@@ -170,3 +170,54 @@ def test_settings_phi_does_not_implement_are_ignored_with_a_notice(tmp_path, cap
         generation_defaults(tmp_path)
     assert "num_beams=4" in caplog.text
     assert "num_return_sequences" not in caplog.text
+
+
+# The command line ---------------------------------------------------------------------------------------------
+TEXT = "def fibonacci(n):"  # encodes to PROMPT
+
+
+def phi_generate(folder, *flags):
+    from typer.testing import CliRunner
+
+    from phi_cli.main import app
+
+    return CliRunner().invoke(app, ["generate", TEXT, "-m", str(folder), "--json", *flags])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"repetition_penalty": 1.3, "max_new_tokens": 10},
+        {"do_sample": False, "top_k": 5, "max_new_tokens": 6},
+    ],
+    ids=["repetition-penalty", "greedy-with-top-k"],
+)
+def test_phi_generate_with_no_flags_generates_what_transformers_generates(model_folder, settings):
+    folder = with_generation_config(model_folder, {"eos_token_id": 50256, **settings})
+    result = phi_generate(folder)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["tokens"] == transformers_tokens(folder)
+    assert record["generation"]["max_new_tokens"] == {"value": settings["max_new_tokens"], "from": "checkpoint"}
+
+
+def test_phi_generate_stops_at_a_checkpoint_eos_list(model_folder):
+    third = greedy_run(model_folder, 6)[2]
+    folder = with_generation_config(model_folder, {"eos_token_id": [50256, third], "max_new_tokens": 6})
+    record = json.loads(phi_generate(folder).stdout)
+    assert record["tokens"] == transformers_tokens(folder) and record["finish_reason"] == "eos"
+
+
+def test_flags_override_the_checkpoint_on_the_command_line(model_folder):
+    settings = {"repetition_penalty": 1.3, "max_new_tokens": 10, "eos_token_id": 50256}
+    folder = with_generation_config(model_folder, settings)
+    record = json.loads(phi_generate(folder, "--max-new-tokens", "3", "--repetition-penalty", "1.0").stdout)
+    assert record["generation"]["repetition_penalty"] == {"value": 1.0, "from": "flag"}
+    assert record["tokens"] == greedy_run(model_folder, 3)
+
+
+def test_a_bad_checkpoint_value_is_one_line_on_the_command_line(model_folder):
+    folder = with_generation_config(model_folder, {"temperature": "hot"})
+    result = phi_generate(folder)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "generation_config.json: temperature" in result.stderr
