@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from phi_cli.errors import UsageProblem
-from phi_cli.io import stderr, stdout_console
+from phi_cli.io import progress, stderr, stdout_console
 from phi_cli.options import QuietOpt
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.bench import (
     SHAPES,
     BenchReport,
     BenchSettings,
+    Mode,
     format_bytes,
     plot_chart,
     run_benchmark,
@@ -45,16 +45,14 @@ def bench_command(
             show_default="every backend that can run here",
         ),
     ] = None,
-    shape: Annotated[
-        Literal["phi-1", "phi-1.5", "phi-2", "tiny"], typer.Option(help="Random weights of this real shape.")
-    ] = "phi-1",
+    shape: Annotated[Literal[tuple(SHAPES)], typer.Option(help="Random weights of this real shape.")] = "phi-1",
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Measure this checkpoint instead of a random shape.")
     ] = None,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 2048,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8",
     mode: Annotated[
-        Literal["forward", "generate"],
+        Mode,
         typer.Option(help="forward: one prefill pass; generate: prefill + --new-tokens decode steps."),
     ] = "forward",
     new_tokens: Annotated[int, typer.Option(min=1, help="Decode steps in generate mode.")] = 32,
@@ -136,11 +134,8 @@ def bench_command(
         layers=layers,
         against_transformers=against is not None,
     )
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    shown = not quiet and stderr.is_terminal
-    with Progress(*columns, console=stderr, transient=True, disable=not shown, redirect_stdout=False) as progress:
-        task = progress.add_task("benchmarking", total=None)
-        report = run_benchmark(settings, lambda step: progress.update(task, description=f"measuring {step}"))
+    with progress("benchmarking", enabled=not quiet) as update:
+        report = run_benchmark(settings, lambda step: update(0, f"measuring {step}"))
     _print_report(report)
     for path in output or []:
         (write_json if path.suffix == ".json" else write_csv)(report, path)

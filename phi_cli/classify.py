@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -12,7 +12,7 @@ from rich.text import Text
 from phi_cli.errors import UsageProblem
 from phi_cli.io import (
     argument_text,
-    progress_bar,
+    progress,
     read_jsonl,
     stdin_has_input,
     stdout_console,
@@ -20,9 +20,9 @@ from phi_cli.io import (
     visible,
     write_json_line,
 )
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, load_for_task
-from phi_core.classify import Classification, classify
-from phi_core.tagging import TaggedText, tag
+from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, TruncateOpt, load_for_task
+from phi_core.classify import Classification, ScoreFunction, classify
+from phi_core.tagging import Aggregation, TaggedText, tag
 
 TextsArg = Annotated[
     list[str] | None,
@@ -33,8 +33,7 @@ InputOpt = Annotated[
     typer.Option("--input", "-i", help='JSONL file (- = stdin) of {"text": ...} objects; other fields are copied.'),
 ]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Texts run together.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="JSONL output (the default when stdout is not a terminal).")]
-TruncateOpt = Annotated[bool, typer.Option(help="Cut texts longer than the model's context instead of failing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSONL output, one object per text (the default with --input).")]
 LABEL_STYLES = ("bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red", "underline")
 
 
@@ -44,7 +43,7 @@ def classify_command(
     top_k: Annotated[int, typer.Option(min=1, help="Show the k best labels.")] = 1,
     all_scores: Annotated[bool, typer.Option(help="Show every label's score.")] = False,
     function: Annotated[
-        Literal["softmax", "sigmoid", "none"] | None,
+        ScoreFunction | None,
         typer.Option(
             help="Score function.",
             show_default="from the config: softmax, sigmoid if multi-label, none for regression",
@@ -70,10 +69,10 @@ def classify_command(
     classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device, quiet)
     shown = len(classifier.config.id2label) if all_scores else top_k
     results = classify(classifier, tokenizer, [r["text"] for r in records], batch_size, function, truncate)
-    if not _as_json(json_output):
+    if not (json_output or input_file is not None):
         _print_table(list(results), shown)
         return
-    with progress_bar(len(records), "classifying", enabled=len(records) > 1 and not quiet) as advance:
+    with progress("classifying", _bar_shown(records, quiet), total=len(records)) as advance:
         for result in results:
             write_json_line(_classification_record(records[result.index], result, shown, top_k > 1 or all_scores))
             advance()
@@ -83,7 +82,7 @@ def tag_command(
     texts: TextsArg = None,
     input_file: InputOpt = None,
     aggregate: Annotated[
-        Literal["none", "simple", "first", "average", "max"],
+        Aggregation,
         typer.Option(
             help="none: every token; simple: merge runs of a label; first/average/max: one label per word, then merge."
         ),
@@ -111,9 +110,9 @@ def tag_command(
     tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device, quiet)
     ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
-    as_json = _as_json(json_output)
+    as_json = json_output or input_file is not None
     labels = list(tagger.config.id2label.values())
-    with progress_bar(len(records), "tagging", enabled=as_json and len(records) > 1 and not quiet) as advance:
+    with progress("tagging", as_json and _bar_shown(records, quiet), total=len(records)) as advance:
         for result in results:
             if as_json:
                 write_json_line(_tag_record(records[result.index], result))
@@ -150,8 +149,9 @@ def _expand_stdin(texts: list[str], quiet: bool) -> list[str]:
     return expanded
 
 
-def _as_json(flag: bool) -> bool:
-    return flag or not sys.stdout.isatty()
+def _bar_shown(records: list[dict[str, Any]], quiet: bool) -> bool:
+    """A progress bar for several records written to a file or pipe (on a terminal the results are the progress)."""
+    return len(records) > 1 and not quiet and not sys.stdout.isatty()
 
 
 def _classification_record(record: dict[str, Any], result: Classification, shown: int, ranked: bool) -> dict:

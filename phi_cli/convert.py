@@ -5,20 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import typer
-from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from phi_cli.io import stderr
+from phi_cli.io import progress
 from phi_cli.options import QuietOpt, RevisionOpt, silence_notices
 from phi_core.convert import KEEP, convert_checkpoint, parse_size
+from phi_core.precision import FLOAT_DTYPES
 
 
 def convert_command(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (any Phi layout).")],
     output: Annotated[str, typer.Argument(help="Folder to write; created only once complete.")],
     revision: RevisionOpt = None,
-    dtype: Annotated[
-        Literal["keep", "float32", "float16", "bfloat16"], typer.Option(help="Dtype of the saved tensors.")
-    ] = KEEP,
+    dtype: Annotated[Literal[(KEEP, *FLOAT_DTYPES)], typer.Option(help="Dtype of the saved tensors.")] = KEEP,
     max_shard_size: Annotated[
         str | None, typer.Option(help="Split into shards of at most this size (e.g. 2GB), with an index.")
     ] = None,
@@ -36,15 +34,17 @@ def convert_command(
     """
     silence_notices(quiet)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), DownloadColumn(), TimeElapsedColumn())
-    shown = not quiet and stderr.is_terminal
-    with Progress(*columns, console=stderr, transient=True, disable=not shown, redirect_stdout=False) as progress:
-        task = progress.add_task("converting", total=None)
-
-        def advance(name: str, nbytes: int) -> None:
-            progress.update(task, advance=nbytes, description=f"converting {name}")
-
-        report = convert_checkpoint(source, output, dtype, shard_size, force, verify, revision, advance)
+    with progress("converting", enabled=not quiet, unit="bytes") as update:
+        report = convert_checkpoint(
+            source,
+            output,
+            dtype,
+            shard_size,
+            force,
+            verify,
+            revision,
+            lambda name, size: update(size, f"converting {name}"),
+        )
     shards = f"{report.shards} shards" if report.shards > 1 else "1 file"
     typer.echo(
         f"converted {report.layout} checkpoint: {report.tensors} tensors, {report.bytes_written / 1e6:.1f} MB "

@@ -33,9 +33,10 @@ class Interrupted(Exception):
 
 
 # (exception type, exit code): first match wins; the last row catches what nobody expected.
+USAGE_ERROR = 2  # what the user typed is wrong: the message says what, a traceback would add nothing
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (UsageProblem, 2),
-    (ValueError, 2),  # UnicodeError too: text that cannot be read as the input it should be
+    (UsageProblem, USAGE_ERROR),
+    (ValueError, USAGE_ERROR),  # UnicodeError too: text that cannot be read as the input it should be
     (PhiError, 1),
     (OSError, 1),
     (MemoryError, 1),
@@ -65,8 +66,16 @@ def message_of(exc: BaseException) -> str:
     text = " ".join(str(exc).strip().split("\n"))
     if exit_code_for(exc) == INTERNAL_ERROR:
         detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        return f"internal error: {detail} (run with PHI_DEBUG=1 to see the traceback)"
+        return f"internal error: {detail}"
     return text or type(exc).__name__
+
+
+DEBUG_HINT = "PHI_DEBUG=1 shows the traceback"
+
+
+def with_debug_hint(message: str) -> str:
+    """An error message that says how to see where it came from (usage errors need no traceback and get none)."""
+    return message if DEBUG_HINT in message else f"{message} ({DEBUG_HINT})"
 
 
 class PhiGroup(TyperGroup):
@@ -95,7 +104,8 @@ class PhiGroup(TyperGroup):
                 fail(*entry.ending(entry.received[0]))
             if os.environ.get("PHI_DEBUG"):
                 raise
-            fail(message_of(exc), exit_code_for(exc) or INTERNAL_ERROR)
+            code = exit_code_for(exc) or INTERNAL_ERROR
+            fail(message_of(exc) if code == USAGE_ERROR else with_debug_hint(message_of(exc)), code)
         code = result if isinstance(result, int) else 0
         if standalone_mode:
             sys.exit(code)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
 from phi_cli.errors import UsageProblem
 from phi_cli.io import (
     argument_text,
-    progress_bar,
+    progress,
     read_jsonl,
     read_stdin_text,
     stderr,
@@ -33,6 +33,7 @@ from phi_cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    TruncateOpt,
     generation_overrides,
     load_for_task,
     model_folder,
@@ -56,9 +57,7 @@ def generate_command(
     ] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-text token(s).")] = False,
     prompt_format: FormatOpt = None,
-    truncate: Annotated[
-        Literal["left"] | None, typer.Option(help="'left': drop the start of a prompt too long for the context.")
-    ] = None,
+    truncate: TruncateOpt = False,
     sample: SampleOpt = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -106,9 +105,10 @@ def generate_command(
     as_json = json_output or input_file is not None
     prompts = [r["prompt"] for r in records]
     fmt, special = setup.prompt_format, setup.special_tokens
-    results = complete(lm, tokenizer, prompts, setup.params, batch_size, fmt, truncate == "left", special)
+    results = complete(lm, tokenizer, prompts, setup.params, batch_size, fmt, truncate, special)
     finished: list[Completion] = []
-    with progress_bar(len(records), "generating", enabled=len(records) > 1 and not quiet) as advance:
+    shown = len(records) > 1 and not quiet and not sys.stdout.isatty()  # on a terminal the text is the progress
+    with progress("generating", shown, total=len(records)) as advance:
         if echo and not as_json:
             _write(fmt.render_prompt(records[0]["prompt"], special))
         for item in results:

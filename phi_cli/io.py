@@ -11,15 +11,21 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from rich.console import Console
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.spinner import Spinner
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from phi_cli.errors import UsageProblem
 
@@ -103,27 +109,24 @@ def write_json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Any]:
-    """A Rich progress bar on stderr, or a no-op when disabled, when stderr is not a terminal, or when stdout
-    is one (the results scrolling by are the progress there)."""
-    if not enabled or not stderr.is_terminal or sys.stdout.isatty():
-        yield lambda advance=1: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    # redirect_stdout=False: Rich would otherwise send whatever is written to stdout meanwhile to the terminal
-    with Progress(*columns, console=stderr, transient=True, redirect_stdout=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda advance=1: progress.advance(task, advance)
-
-
-@contextmanager
-def spinner(text: str, enabled: bool) -> Iterator[None]:
-    """A transient spinner on stderr while something slow runs (loading a model), when stderr is a terminal."""
+def progress(
+    description: str, enabled: bool, total: int | None = None, unit: str = ""
+) -> Iterator[Callable[..., None]]:
+    """The one progress display of every command, on stderr: a bar counting to ``total``, or with no total a spinner
+    (showing bytes done when ``unit == "bytes"``), with the time elapsed. A no-op when disabled or when stderr is not
+    a terminal. Yields ``update(advance=1, description=None)``."""
     if not enabled or not stderr.is_terminal:
-        yield
+        yield lambda advance=1, description=None: None
         return
-    with Live(Spinner("dots", text), console=stderr, transient=True, redirect_stdout=False):
-        yield
+    if total is None:
+        sizes = (DownloadColumn(),) if unit == "bytes" else ()
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), *sizes, TimeElapsedColumn())
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # redirect_stdout=False: Rich would otherwise send whatever is written to stdout meanwhile to the terminal
+    with Progress(*columns, console=stderr, transient=True, redirect_stdout=False) as shown:
+        task = shown.add_task(description, total=total)
+        yield lambda advance=1, description=None: shown.update(task, advance=advance, description=description)
 
 
 def _parse_jsonl(lines: Iterable[bytes], name: str, field: str) -> list[dict[str, Any]]:

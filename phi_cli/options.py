@@ -6,12 +6,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 import torch
 import typer
 
-from phi_cli.io import spinner
+from phi_cli.io import progress
 from phi_core import PhiTokenizer, load_model, load_tokenizer
 from phi_core.attention import ATTENTION_BACKENDS
 from phi_core.checkpoint import resolve_source
@@ -36,10 +36,9 @@ ModelOpt = Annotated[
 RevisionOpt = Annotated[
     str | None, typer.Option(help="Hub revision (branch, tag or commit).", rich_help_panel=MODEL_PANEL)
 ]
-Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"]
-assert get_args(Dtype) == DTYPE_CHOICES
-Backend = Literal["eager", "sdpa", "flash_attention_2"]
-assert get_args(Backend) == ATTENTION_BACKENDS
+# Choices come from phi_core's own lists (Literal[tuple] is Literal of its items), so a new one needs no CLI edit.
+Dtype = Literal[DTYPE_CHOICES]
+Backend = Literal[ATTENTION_BACKENDS]
 DtypeOpt = Annotated[
     Dtype | None,
     typer.Option(
@@ -102,7 +101,7 @@ def load_for_task(
     ``quiet`` silences phi_core's notices (such as converting an old layout in memory)."""
     silence_notices(quiet)
     choice = model_choice(task, model, revision, dtype, attn, device)
-    with spinner("loading model...", enabled=not quiet):
+    with progress("loading model...", enabled=not quiet):
         loaded = load_model(choice.source, task, choice.dtype, choice.attn, choice.device, choice.revision)
         tokenizer = load_tokenizer(choice.source, choice.revision)
     check_tokenizer_fits(loaded.config, tokenizer)
@@ -183,3 +182,12 @@ def generation_overrides(
 def model_folder(model: str | None, revision: str | None, task: str = "causal-lm") -> Path:
     """The local folder of the model a command runs (no weights fetched: they were loaded already)."""
     return resolve_source(TASKS[task].embedded_default if model is None else model, revision, weights=False)
+
+
+TruncateOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Cut an input too long for the model's context instead of failing (a prompt keeps its end, a text to "
+        "classify or tag its start)."
+    ),
+]

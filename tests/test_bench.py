@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from phi_cli.errors import DEBUG_HINT
 from phi_cli.main import app
 from phi_core.bench import SHAPES, BenchSettings, random_model, run_benchmark
 from phi_core.kernels import choose
@@ -216,7 +217,7 @@ def test_only_backend_asked_for_that_cannot_run_is_an_error(lm_checkpoint):
         ],
     )
     assert result.exit_code == 1
-    assert result.stderr == "error: flash_attention_2 needs a CUDA device, not cpu\n"
+    assert result.stderr == f"error: flash_attention_2 needs a CUDA device, not cpu ({DEBUG_HINT})\n"
 
 
 @pytest.mark.parametrize(
@@ -246,7 +247,7 @@ def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     result = CliRunner().invoke(app, ["bench", "--quick", "--plot", str(tmp_path / "chart.png")])
     assert result.exit_code == 1
-    assert result.stderr == "error: --plot needs matplotlib: pip install 'phi-toolkit[plot]'\n"
+    assert result.stderr == f"error: --plot needs matplotlib: pip install 'phi-toolkit[plot]' ({DEBUG_HINT})\n"
 
 
 def test_bench_device_defaults_to_cpu_and_titles_say_which_layers(tmp_path, monkeypatch):

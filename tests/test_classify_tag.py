@@ -163,38 +163,38 @@ def run(args, stdin=None):
 
 def test_classify_cli_json_and_options(classifier_checkpoint, tmp_path):
     m = ["-m", str(classifier_checkpoint)]
-    result = run(["classify", *m, "x = 1", "Some prose."])
+    result = run(["classify", *m, "--json", "x = 1", "Some prose."])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["text"] for r in records] == ["x = 1", "Some prose."]
     assert all(r["label"] in ("code", "prose", "other") and 0 <= r["score"] <= 1 for r in records)
     assert "scores" not in records[0]
-    top2 = json.loads(run(["classify", *m, "x = 1", "--top-k", "2"]).stdout)
+    top2 = json.loads(run(["classify", *m, "--json", "x = 1", "--top-k", "2"]).stdout)
     assert len(top2["scores"]) == 2 and top2["scores"][0]["label"] == top2["label"]
-    every = json.loads(run(["classify", *m, "x = 1", "--all-scores"]).stdout)
+    every = json.loads(run(["classify", *m, "--json", "x = 1", "--all-scores"]).stdout)
     assert len(every["scores"]) == 3
-    raw = json.loads(run(["classify", *m, "x = 1", "--all-scores", "--function", "none"]).stdout)
+    raw = json.loads(run(["classify", *m, "--json", "x = 1", "--all-scores", "--function", "none"]).stdout)
     assert sum(s["score"] for s in raw["scores"]) != pytest.approx(1.0)
-    sig = json.loads(run(["classify", *m, "x = 1", "--all-scores", "--function", "sigmoid"]).stdout)
+    sig = json.loads(run(["classify", *m, "--json", "x = 1", "--all-scores", "--function", "sigmoid"]).stdout)
     assert all(0 < s["score"] < 1 for s in sig["scores"])
-    lines = run(["classify", *m, "--batch-size", "2"], stdin="one\ntwo\n\nthree\n")
+    lines = run(["classify", *m, "--json", "--batch-size", "2"], stdin="one\ntwo\n\nthree\n")
     assert [json.loads(x)["text"] for x in lines.stdout.splitlines()] == ["one", "two", "three"]
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": "a", "id": 7}\n')
-    carried = json.loads(run(["classify", *m, "--input", str(path)]).stdout)
+    carried = json.loads(run(["classify", *m, "--json", "--input", str(path)]).stdout)
     assert carried["id"] == 7 and carried["text"] == "a"
 
 
 def test_tag_cli_json(tagger_checkpoint):
     m = ["-m", str(tagger_checkpoint)]
-    result = run(["tag", *m, HARD, "--aggregate", "none", "--ignore-labels", "NONE"])
+    result = run(["tag", *m, "--json", HARD, "--aggregate", "none", "--ignore-labels", "NONE"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["text"] == HARD
     for span in record["spans"]:
         assert HARD[span["start"] : span["end"]] == span["text"]
     for strategy in ("simple", "first", "average", "max"):
-        out = run(["tag", *m, HARD, "--aggregate", strategy])
+        out = run(["tag", *m, "--json", HARD, "--aggregate", strategy])
         assert out.exit_code == 0, out.output
         assert all(s["label"] != "O" for s in json.loads(out.stdout)["spans"])
 
@@ -223,20 +223,20 @@ def test_bad_input(classifier_checkpoint, tagger_checkpoint, args, stdin, code, 
 
 
 def test_dash_stands_for_the_lines_of_stdin(classifier_checkpoint):
-    result = run(["classify", "-m", str(classifier_checkpoint), "first", "-", "last"], stdin="a\n\nb\r\n")
+    result = run(["classify", "-m", str(classifier_checkpoint), "--json", "first", "-", "last"], stdin="a\n\nb\r\n")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["first", "a", "b", "last"]
 
 
 def test_stdin_lines_that_are_not_utf8_are_replaced_with_a_notice(tagger_checkpoint):
-    result = run(["tag", "-m", str(tagger_checkpoint)], stdin=b"caf\xe9 = 1\n")
+    result = run(["tag", "-m", str(tagger_checkpoint), "--json"], stdin=b"caf\xe9 = 1\n")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["text"] == "caf\ufffd = 1"
     assert result.stderr == "note: stdin is not valid UTF-8; the bytes that are not were replaced by U+FFFD\n"
 
 
 def test_truncate_cuts_long_texts(classifier_checkpoint):
-    result = run(["classify", "-m", str(classifier_checkpoint), "word " * 80, "--truncate"])
+    result = run(["classify", "-m", str(classifier_checkpoint), "--json", "word " * 80, "--truncate"])
     assert result.exit_code == 0, result.output
 
 

@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 import phi_core
+from phi_cli.errors import DEBUG_HINT
 from phi_cli.main import app
 from phi_core.generation import GenerationParams, SamplingParams, generate
 
@@ -187,7 +188,6 @@ def test_truncate_left_keeps_the_end(runner, lm_checkpoint):
             "4",
             "--json",
             "--truncate",
-            "left",
             "--ignore-eos",
         ],
     )
@@ -299,7 +299,7 @@ def test_readme_python_example_prints_what_its_comment_says(capsys):
 def test_missing_model_folder_is_a_runtime_error(runner):
     result = run(runner, ["generate", "x", "-m", "./no/such/folder"])
     assert result.exit_code == 1
-    assert result.stderr == "error: ./no/such/folder: no such folder (and not a Hub repo id)\n"
+    assert result.stderr == f"error: ./no/such/folder: no such folder (and not a Hub repo id) ({DEBUG_HINT})\n"
 
 
 def test_results_before_an_error_are_flushed(runner, lm_checkpoint, tmp_path):

@@ -53,10 +53,10 @@ def test_commands_work_without_a_model_option(monkeypatch):
     generated = runner.invoke(app, ["generate", "def add(a, b):", "--max-new-tokens", "8", "--json"])
     assert generated.exit_code == 0, generated.output
     assert json.loads(generated.stdout)["completion_tokens"] >= 1
-    classified = runner.invoke(app, ["classify", "for x in range(3): print(x)"])
+    classified = runner.invoke(app, ["classify", "for x in range(3): print(x)", "--json"])
     assert classified.exit_code == 0, classified.output
     assert json.loads(classified.stdout)["label"] in ("code", "prose")
-    tagged = runner.invoke(app, ["tag", "if x: return None"])
+    tagged = runner.invoke(app, ["tag", "if x: return None", "--json"])
     assert tagged.exit_code == 0, tagged.output
     assert {s["label"] for s in json.loads(tagged.stdout)["spans"]} <= {
         "KEYWORD",
