@@ -54,6 +54,7 @@ class Conversation:
     special_tokens: dict[str, str] = field(default_factory=dict)
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    keep_cache: bool = True  # False pre-fills every turn from the start (what a stateless API call costs)
     last_turn: TurnStats = field(default_factory=TurnStats)
     _cache: KVCache | None = None
     _cached: list[int] = field(default_factory=list)  # the tokens whose keys and values the cache holds
@@ -123,7 +124,7 @@ class Conversation:
         next token's logits)."""
         if self._cache is None:
             self._cache = self.model.new_cache(1, self.model.config.max_position_embeddings)
-        shared = _shared_prefix(self._cached, ids)
+        shared = _shared_prefix(self._cached, ids) if self.keep_cache else 0
         shared = min(shared, len(ids) - 1)
         self._cache.truncate(shared)
         self._cached = self._cached[:shared]
