@@ -22,6 +22,7 @@ from phi_cli.io import (
 )
 from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, TruncateOpt, load_for_task
 from phi_core.classify import Classification, ScoreFunction, classify
+from phi_core.records import classification_record, tag_record
 from phi_core.tagging import Aggregation, TaggedText, tag
 
 TextsArg = Annotated[
@@ -74,7 +75,7 @@ def classify_command(
         return
     with progress("classifying", _bar_shown(records, quiet), total=len(records)) as advance:
         for result in results:
-            write_json_line(_classification_record(records[result.index], result, shown, top_k > 1 or all_scores))
+            write_json_line(classification_record(records[result.index], result, top_k, all_scores))
             advance()
 
 
@@ -115,7 +116,7 @@ def tag_command(
     with progress("tagging", as_json and _bar_shown(records, quiet), total=len(records)) as advance:
         for result in results:
             if as_json:
-                write_json_line(_tag_record(records[result.index], result))
+                write_json_line(tag_record(records[result.index], result))
             else:
                 _print_tagged(result, labels)
             advance()
@@ -152,21 +153,6 @@ def _expand_stdin(texts: list[str], quiet: bool) -> list[str]:
 def _bar_shown(records: list[dict[str, Any]], quiet: bool) -> bool:
     """A progress bar for several records written to a file or pipe (on a terminal the results are the progress)."""
     return len(records) > 1 and not quiet and not sys.stdout.isatty()
-
-
-def _classification_record(record: dict[str, Any], result: Classification, shown: int, ranked: bool) -> dict:
-    out = {**record, "label": result.top.label, "score": round(result.top.score, 6)}
-    if ranked:
-        out["scores"] = [{"label": s.label, "score": round(s.score, 6)} for s in result.scores[:shown]]
-    return out
-
-
-def _tag_record(record: dict[str, Any], result: TaggedText) -> dict:
-    spans = [
-        {"start": s.start, "end": s.end, "text": s.text, "label": s.label, "score": round(s.score, 6)}
-        for s in result.spans
-    ]
-    return {**record, "spans": spans}
 
 
 def _print_table(results: list[Classification], shown: int) -> None:

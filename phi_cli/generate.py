@@ -39,6 +39,7 @@ from phi_cli.options import (
     model_folder,
 )
 from phi_core.completion import Completion, CompletionSetup, PromptToken, complete, completion_setup
+from phi_core.records import completion_record
 
 SAMPLING = "Sampling"
 OUTPUT = "Input and output"
@@ -119,7 +120,7 @@ def generate_command(
             finished.append(item)
             advance()
             if as_json:
-                write_json_line(_result_record(records[item.index], item, lm.precision.weights, setup))
+                write_json_line(completion_record(records[item.index], item, lm.precision.weights, setup))
     if not as_json:
         _write("\n")
     if stats:
@@ -151,24 +152,6 @@ def _prompt_text(prompt: str | None, quiet: bool) -> str:
     text = argument_text(prompt, "the prompt", quiet)
     piped = read_stdin_text(quiet) if stdin_has_input() else ""
     return piped.rstrip("\n") + "\n\n" + text if piped.strip() else text
-
-
-def _result_record(record: dict[str, Any], done: Completion, dtype: str, setup: CompletionSetup) -> dict[str, Any]:
-    return {
-        **record,
-        "prompt": done.prompt,
-        "completion": done.completion,
-        "tokens": done.tokens,
-        "finish_reason": done.finish_reason,
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "prefill_s": round(done.prefill_s, 4),
-        "decode_s": round(done.decode_s, 4),
-        "tokens_per_s": round(done.tokens_per_s, 2),
-        "dtype": dtype,
-        "format": setup.prompt_format.name,
-        "generation": setup.generation.report(),
-    }
 
 
 def _write(text: str) -> None:

@@ -6,7 +6,6 @@ or stdin is read leniently, its bytes that are not UTF-8 replaced by U+FFFD with
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -28,6 +27,7 @@ from rich.progress import (
 )
 
 from phi_cli.errors import UsageProblem
+from phi_core.records import BadRecord, is_blank, json_line, parse_record
 
 stderr = Console(stderr=True)
 # Python hands over argv bytes that are not UTF-8 as lone surrogates (surrogateescape); JSON can spell them too.
@@ -101,10 +101,7 @@ def read_jsonl(source: str, field: str) -> list[dict[str, Any]]:
 def write_json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
     """``record`` as one JSON line, flushed so a reader sees it at once."""
     out = out or sys.stdout
-    line = json.dumps(record, ensure_ascii=False)
-    if SURROGATE.search(line):  # a lone surrogate copied from the input cannot be written as UTF-8
-        line = json.dumps(record)  # ... but its \ud800 escape can, and reads back the same
-    out.write(line + "\n")
+    out.write(json_line(record) + "\n")  # the line phi_core.distributed writes too
     out.flush()
 
 
@@ -130,31 +127,16 @@ def progress(
 
 
 def _parse_jsonl(lines: Iterable[bytes], name: str, field: str) -> list[dict[str, Any]]:
+    """The records of JSONL lines, by the rules a distributed run applies to each row (phi_core.records)."""
     records = []
     for number, raw in enumerate(lines, start=1):
-        line = _decode_line(raw, name, number)
-        if not line.strip():
+        if is_blank(raw, first=number == 1):  # a byte order mark may open the file
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageProblem(f"{name} line {number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise UsageProblem(f"{name} line {number}: expected an object with a string {field!r}")
-        if SURROGATE.search(record[field]):
-            raise UsageProblem(f"{name} line {number}: {field!r} holds a lone surrogate (\\ud800-\\udfff), not text")
-        records.append(record)
+            records.append(parse_record(raw, field, first=number == 1))
+        except BadRecord as exc:
+            raise UsageProblem(f"{name} line {number}: {exc}") from None
     return records
-
-
-def _decode_line(raw: bytes, name: str, number: int) -> str:
-    try:
-        return raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark may open the file
-    except UnicodeDecodeError as exc:
-        byte = raw[exc.start]
-        raise UsageProblem(
-            f"{name} line {number}: not valid UTF-8 (byte 0x{byte:02x} at byte {exc.start + 1} of the line)"
-        ) from None
 
 
 def _stdin_bytes() -> BinaryIO:

@@ -11,7 +11,8 @@ Layers (a module imports only from the rows above it; tests/test_architecture.py
     model, tasks, layouts              the decoder and heads; one row per task; old layouts' rename table
     loading, saving, convert           checkpoint <-> model (the inference form is one step of loading)
     generation, generation_config, prompt_format, completion, conversation, classify, tagging, engine
-    bench, metrics, openai_protocol, server      measuring and serving
+    records                            the JSON record each batch command writes for one row
+    bench, metrics, openai_protocol, server, distributed      measuring, serving, batch jobs on a Ray cluster
 """
 
 from phi_core.config import PhiConfig, RopeScaling

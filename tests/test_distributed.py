@@ -1,0 +1,237 @@
+"""Distributed generate, classify and tag on Ray (phi_core.distributed, `--ray`): one local Ray instance for the
+module, the embedded models, and the local mode's output as the oracle, row for row."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from phi_cli.main import app
+from phi_core.distributed import (
+    DIE_FILE_VARIABLE,
+    ClassifyJob,
+    Cluster,
+    GenerateJob,
+    JobFailed,
+    ModelSpec,
+    TagJob,
+    list_inputs,
+    run_job,
+)
+from phi_core.generation_config import GenerationOverrides
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+WORDS = ["for", "x", "in", "range", "print", "return", "the", "sum", "of", "two", "numbers", "def", "class", "import"]
+WORDS += ["os", "path", "value", "total", "if", "else"]
+TIMING = ("prefill_s", "decode_s", "tokens_per_s")  # wall-clock fields of generate's records
+
+
+@pytest.fixture(scope="module")
+def die_file(tmp_path_factory):
+    """A small local Ray instance for the whole module; yields the file whose presence kills one replica."""
+    die = tmp_path_factory.mktemp("fault") / "die"
+    ray.init(
+        num_cpus=2,
+        object_store_memory=256 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        runtime_env={"env_vars": {DIE_FILE_VARIABLE: str(die)}},
+    )
+    yield die
+    ray.shutdown()
+
+
+def texts(count: int, field: str = "text", seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{field: " ".join(rng.choices(WORDS, k=rng.randint(2, 10))), "id": i} for i in range(count)]
+
+
+def write_jsonl(path: Path, records: list[dict], blank_every: int = 0) -> Path:
+    lines = []
+    for i, record in enumerate(records):
+        lines.append(json.dumps(record))
+        if blank_every and i % blank_every == 0:
+            lines.append("   ")  # blank lines are no records, locally or on Ray
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def local(args: list[str]) -> list[dict]:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def published(folder: Path) -> list[dict]:
+    """The records of a published dataset folder, after checking its manifest."""
+    manifest = json.loads((folder / "_SUCCESS").read_text())
+    records = []
+    for entry in manifest["files"]:
+        lines = (folder / entry["name"]).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == entry["rows"]
+        records += [json.loads(line) for line in lines]
+    assert len(records) == manifest["written"]
+    return records
+
+
+def by_row(records: list[dict], path: Path) -> list[dict]:
+    """Records in input order, without the position fields, after checking each row came exactly once."""
+    rows = sorted(records, key=lambda r: r["_row"])
+    assert [r["_row"] for r in rows] == list(range(len(rows)))
+    assert {r["_file"] for r in rows} == {str(path)}
+    return [{k: v for k, v in r.items() if k not in ("_row", "_file")} for r in rows]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_classify_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
+    source = write_jsonl(tmp_path / "texts.jsonl", texts(3000), blank_every=97)
+    expected = local(["classify", "--input", str(source), "--json", "--top-k", "2"])
+    job = ClassifyJob(top_k=2)
+    summary = run_job(job, ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2), batch_size=8)
+    assert (summary.rows, summary.written, summary.errors) == (3000, 3000, 0)
+    records = published(tmp_path / "out")
+    assert records == sorted(records, key=lambda r: r["_row"])  # shards in input order
+    assert by_row(records, source) == expected
+
+
+def test_every_row_exactly_once_when_a_replica_dies(die_file, tmp_path):
+    source = write_jsonl(tmp_path / "texts.jsonl", texts(2000, seed=1))
+    die_file.touch()  # the first replica to finish an item deletes it and dies inside its next one
+    summary = run_job(ClassifyJob(), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2))
+    assert not die_file.exists(), "no replica died"
+    assert summary.written == 2000
+    assert len(by_row(published(tmp_path / "out"), source)) == 2000
+
+
+def test_list_inputs_folders_globs_and_hidden_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/1.jsonl", "a/2.parquet", "a/_errors.jsonl", "a/.hidden.jsonl", "a/notes.txt", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    assert list_inputs(str(tmp_path / "a")) == [
+        (f"{tmp_path}/a/1.jsonl", "jsonl"),
+        (f"{tmp_path}/a/2.parquet", "parquet"),
+    ]
+    assert list_inputs(str(tmp_path / "*.jsonl")) == [(f"{tmp_path}/b.jsonl", "jsonl")]
+    assert list_inputs(str(tmp_path / "a/notes.txt")) == [(str(tmp_path / "a/notes.txt"), "jsonl")]
+    with pytest.raises(Exception, match="not found"):
+        list_inputs(str(tmp_path / "missing.jsonl"))
+
+
+def test_generate_on_ray_samples_what_the_local_mode_samples(die_file, tmp_path):
+    # each engine batch is seeded alike, so sampling matches only if Ray's batches hold the local mode's rows
+    source = write_jsonl(tmp_path / "prompts.jsonl", texts(160, field="prompt", seed=2), blank_every=31)
+    args = ["--max-new-tokens", "4", "--seed", "7", "--batch-size", "4"]
+    expected = local(["generate", "--input", str(source), *args])
+    job = GenerateJob(overrides=GenerationOverrides(max_new_tokens=4, seed=7))
+    run_job(job, ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2), batch_size=4)
+    records = by_row(published(tmp_path / "out"), source)
+    assert without_timing(records) == without_timing(expected)
+    assert records[0]["generation"]["do_sample"] == {"value": True, "from": "checkpoint"}
+
+
+def test_tag_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
+    source = write_jsonl(tmp_path / "texts.jsonl", texts(1000, seed=3))
+    expected = local(["tag", "--input", str(source), "--json", "--aggregate", "first"])
+    run_job(TagJob(aggregate="first"), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2))
+    assert by_row(published(tmp_path / "out"), source) == expected
+
+
+BAD_ROWS = [
+    ('{"id": 1}', "expected an object with a string 'text'"),  # missing field
+    ('{"text": 5}', "expected an object with a string 'text'"),  # wrong type
+    ('{"text": "' + "x " * 1100 + '"}', "tokens; the model's context is"),  # too long without --truncate
+    ("{not json", "invalid JSON"),
+]
+
+
+def bad_file(path: Path) -> Path:
+    """100 good rows, with the bad rows at lines 11, 31, 51 and 71."""
+    lines = [json.dumps(r) for r in texts(100, seed=4)]
+    for k, (bad, _) in enumerate(BAD_ROWS):
+        lines.insert(10 + 20 * k, bad)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_bad_row_fails_the_job_naming_file_and_line(die_file, tmp_path):
+    source = bad_file(tmp_path / "bad.jsonl")
+    with pytest.raises(JobFailed, match=rf"{source} line 11: expected an object with a string 'text'.* of 104 rows"):
+        run_job(ClassifyJob(), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=1))
+    assert os.listdir(tmp_path) == ["bad.jsonl"]  # no output, no staging folder
+
+
+def test_on_error_skip_writes_bad_rows_to_the_errors_file(die_file, tmp_path):
+    source = bad_file(tmp_path / "bad.jsonl")
+    cluster = Cluster(replicas=1)
+    summary = run_job(ClassifyJob(), ModelSpec(), str(source), str(tmp_path / "out"), cluster, on_error="skip")
+    assert (summary.rows, summary.written, summary.errors) == (104, 100, 4)
+    errors = [json.loads(line) for line in (tmp_path / "out" / "_errors.jsonl").read_text().splitlines()]
+    assert [(e["file"], e["row"], e["line"]) for e in errors] == [
+        (str(source), 10 + 20 * k, 11 + 20 * k) for k in range(4)
+    ]
+    for error, (_, reason) in zip(errors, BAD_ROWS, strict=True):
+        assert reason in error["reason"]
+    records = published(tmp_path / "out")
+    assert sorted(r["id"] for r in records) == list(range(100))
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert (manifest["rows"], manifest["written"], manifest["errors"]) == (104, 100, 4)
+
+
+def test_parquet_folder_in_parquet_out_with_an_id_field(die_file, tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "in").mkdir()
+    rows = texts(300, seed=5)
+    for part in range(3):
+        table = pa.Table.from_pylist(rows[part * 100 : (part + 1) * 100])
+        pq.write_table(table, tmp_path / "in" / f"part-{part}.parquet", row_group_size=40)
+    summary = run_job(
+        ClassifyJob(),
+        ModelSpec(),
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        Cluster(replicas=2),
+        id_field="id",
+        shard_rows=128,
+    )
+    assert summary.files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    records = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["id"] for r in records) == list(range(300))
+    assert "_row" not in records[0]  # the id field identifies the rows
+    # a file's rows are batched from its own start, so scores may differ from one local run in the last digit
+    expected = {r["id"]: r for r in local_classify(tmp_path, rows)}
+    for record in records:
+        assert record["label"] == expected[record["id"]]["label"]
+        assert record["score"] == pytest.approx(expected[record["id"]]["score"], abs=1e-5)
+
+
+def local_classify(tmp_path: Path, rows: list[dict]) -> list[dict]:
+    return local(["classify", "--input", str(write_jsonl(tmp_path / "local.jsonl", rows)), "--json"])
+
+
+def test_an_existing_output_is_refused_unless_forced(die_file, tmp_path):
+    source = write_jsonl(tmp_path / "texts.jsonl", texts(20))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("")
+    with pytest.raises(Exception, match="already exists"):
+        run_job(ClassifyJob(), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=1))
+    run_job(ClassifyJob(), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=1), force=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["_SUCCESS", "part-00000.jsonl"]
+
+
+_unused = (signal, subprocess, sys, time)
