@@ -63,8 +63,8 @@ UNSUPPORTED = {
 
 
 @dataclass(frozen=True)
-class GenerationDefaults:
-    """The generation settings a checkpoint sets (None: not set), and the file they were read from."""
+class SamplingChoices:
+    """The settings both a checkpoint and a caller can give (None: not given)."""
 
     do_sample: bool | None = None
     temperature: float | None = None
@@ -73,6 +73,12 @@ class GenerationDefaults:
     min_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationDefaults(SamplingChoices):
+    """The generation settings a checkpoint sets (None: not set), and the file they were read from."""
+
     max_length: int | None = None
     eos_token_id: tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -110,16 +116,9 @@ def _read_json(folder: Path, name: str) -> Any:
 
 
 @dataclass(frozen=True)
-class GenerationOverrides:
+class GenerationOverrides(SamplingChoices):
     """What the caller asked for (None: not given). ``temperature == 0`` means greedy whatever else is set."""
 
-    do_sample: bool | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
     seed: int | None = None
 
 
