@@ -61,12 +61,12 @@ class CompletionRequest(Strict):
     echo: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: float = Field(0.0, ge=0, le=0)
-    frequency_penalty: float = Field(0.0, ge=0, le=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    suffix: None = None
+    suffix: str | None = None
     # Extensions, as vLLM and llama.cpp's server name them.
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, lt=1)
@@ -80,6 +80,11 @@ class CompletionRequest(Strict):
             raise APIError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise APIError(400, f"{name} is not supported (use repetition_penalty)", name)
+        if self.suffix:
+            raise APIError(400, "suffix is not supported (Phi has no fill-in-the-middle)", "suffix")
         stops = self.stop_strings
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", "stop")

@@ -1,14 +1,14 @@
 """``phi serve``: OpenAI's completions API over HTTP, on the continuous-batching engine.
 
-The socket is bound first and the model loads in the background: ``/health`` answers 503 until it is ready, then
-200. Request handlers never run the model: they validate, tokenize, hand requests to the :class:`Engine` and relay
-its events (through the event loop, as they come) as JSON or server-sent events.
+The socket is bound first and HTTP answers from its own thread while the model loads: ``/health`` says 503 until
+the model is ready, then 200. Request handlers never run the model: they validate, tokenize, hand requests to the
+:class:`Engine` and relay its events (through the event loop, as they come) as JSON or server-sent events.
 
 Starlette, uvicorn and pydantic come with the ``serve`` extra. Without it this module still imports (``phi_core``
 never needs them) and :func:`serve` says how to install them.
 
-SIGINT/SIGTERM stop new requests (503), let the running ones finish for up to ``shutdown_timeout`` seconds, cancel
-the rest, and return normally: ``phi serve`` exits 0.
+SIGINT, SIGTERM and SIGHUP stop new requests (503), let the running ones finish for up to ``shutdown_timeout``
+seconds, cancel the rest, and return normally: ``phi serve`` exits 0.
 """
 
 from __future__ import annotations

@@ -303,6 +303,7 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(server, tiny):
         ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "logprobs": 50}, "logprobs"),
         ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
         ({"model": "tiny", "prompt": "x", "stop": [""]}, "stop"),
         ({"model": "tiny", "prompt": "x", "no_such_field": 1}, "no_such_field"),
         ({"model": "tiny", "prompt": [[1, 2], []]}, "prompt"),
