@@ -1,14 +1,17 @@
 """Throughput and latency of `phi serve` against the number of concurrent clients, on random weights of a real shape.
 
-    python benchmarks/serve.py --shape phi-1.5 --dtype float32 --clients 1 2 4 8 --json docs/bench/serve-phi-1.5.json
+    python benchmarks/serve.py --shape phi-1.5 --dtype float32 --rounds 2 --json docs/bench/serve-phi-1.5-float32.json
     python benchmarks/serve.py --shape tiny --clients 1 2 4 8 --new-tokens 64
 
 The server runs in a subprocess of its own (this script with --serve), on random weights (phi_core.bench), with the
 real Phi tokenizer. Each client is a thread that sends ``--requests`` streaming completions one after another
 (random prompts of ``--prompt-tokens`` ids, ``--new-tokens`` greedy tokens, ``ignore_eos``, ``logprobs: 0`` so that
-every token arrives as its own chunk). A warm-up request runs first. Reported per concurrency level: aggregate
-generated tokens/s (all tokens over the wall time of the level), time to first token p50/p99, inter-token latency
-p50/p99, and the slowest request's decode rate against the median one (a starved request would show there).
+every token arrives as its own chunk). A warm-up request runs first; ``--rounds`` repeats the sweep, the levels
+interleaved.
+
+Reported per concurrency level: aggregate generated tokens/s (all tokens over the wall time of the level; the median
+over rounds), time to first token p50/p99, inter-token latency p50/p99, the slowest request's decode rate against
+the median one (a starved request would show there), and the machine's load average after each round.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def stream_completion(port: int, prompt: list[int], new_tokens: int) -> RequestT
     return timing
 
 
-def run_level(port: int, clients: int, requests: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict[str, Any]:
+def run_level(port: int, clients: int, requests: int, prompt_tokens: int, new_tokens: int, seed: int):
+    """One round at ``clients`` concurrent clients: (wall seconds, every request's timing)."""
     rng = random.Random(seed)
     prompts = [[[rng.randrange(50000) for _ in range(prompt_tokens)] for _ in range(requests)] for _ in range(clients)]
     results: list[list[RequestTiming]] = [[] for _ in range(clients)]
@@ -103,22 +107,27 @@ def run_level(port: int, clients: int, requests: int, prompt_tokens: int, new_to
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
-    timings = [t for per_client in results for t in per_client]
-    tokens = sum(len(t.token_times) for t in timings)
+    return time.perf_counter() - started, [t for per_client in results for t in per_client]
+
+
+def summarize(clients: int, rounds: list[tuple[float, list[RequestTiming]]], loads: list[float]) -> dict[str, Any]:
+    """Aggregate tokens/s as the median over rounds; latencies pooled over every round's requests."""
+    timings = [t for _, round_timings in rounds for t in round_timings]
+    rates = [sum(len(t.token_times) for t in round_timings) / wall for wall, round_timings in rounds]
     gaps = [g for t in timings for g in t.gaps]
-    rates = [t.decode_rate for t in timings]
+    decode = [t.decode_rate for t in timings]
     return {
         "clients": clients,
         "requests": len(timings),
-        "tokens": tokens,
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / wall, 2),
+        "tokens": sum(len(t.token_times) for t in timings),
+        "tokens_per_s": round(statistics.median(rates), 2),
+        "tokens_per_s_rounds": [round(r, 2) for r in rates],
         "ttft_p50_s": round(percentile([t.ttft for t in timings], 50), 3),
         "ttft_p99_s": round(percentile([t.ttft for t in timings], 99), 3),
         "inter_token_p50_s": round(percentile(gaps, 50), 4),
         "inter_token_p99_s": round(percentile(gaps, 99), 4),
-        "slowest_vs_median_rate": round(min(rates) / statistics.median(rates), 2) if rates else None,
+        "slowest_vs_median_rate": round(min(decode) / statistics.median(decode), 2) if decode else None,
+        "load_average": [round(x, 2) for x in loads],
     }
 
 
@@ -184,6 +193,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="sweeps over the client counts; medians reported")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,16 +201,22 @@ def main() -> None:
         serve_random(args)
         return
     process, port = start_server(args)
+    rounds: dict[int, list[tuple[float, list[RequestTiming]]]] = {clients: [] for clients in args.clients}
+    loads: dict[int, list[float]] = {clients: [] for clients in args.clients}
     try:
         stream_completion(port, list(range(100, 100 + args.prompt_tokens)), 4)  # warm-up
-        levels = []
-        for clients in args.clients:
-            level = run_level(port, clients, args.requests, args.prompt_tokens, args.new_tokens, seed=clients)
-            print(json.dumps(level), flush=True)
-            levels.append(level)
+        for round_index in range(args.rounds):  # levels interleaved, so a change in machine load hits them alike
+            for clients in args.clients:
+                seed = 1000 * round_index + clients
+                wall, timings = run_level(port, clients, args.requests, args.prompt_tokens, args.new_tokens, seed)
+                rounds[clients].append((wall, timings))
+                loads[clients].append(os.getloadavg()[0])
+                tokens = sum(len(t.token_times) for t in timings)
+                print(f"round {round_index + 1}: {clients} clients, {tokens / wall:.2f} tokens/s", flush=True)
     finally:
         process.terminate()
         process.wait(120)
+    levels = [summarize(clients, rounds[clients], loads[clients]) for clients in args.clients]
     base = levels[0]["tokens_per_s"]
     for level in levels:
         level["speedup_vs_first"] = round(level["tokens_per_s"] / base, 2) if base else None
@@ -218,13 +234,12 @@ def main() -> None:
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['cpu']['model_name']}, {report['cpu']['cores']} cores, avx512={report['cpu']['avx512']}")
-    header = "clients  tokens/s  speedup  ttft p50  ttft p99  itl p50  itl p99  slowest/median"
-    print(header)
+    print("clients  tokens/s  speedup  ttft p50  ttft p99  itl p50  itl p99  slowest/median  load average")
     for level in report["levels"]:
         print(
             f"{level['clients']:>7}  {level['tokens_per_s']:>8}  {level['speedup_vs_first']:>6}x  "
             f"{level['ttft_p50_s']:>7}s  {level['ttft_p99_s']:>7}s  {level['inter_token_p50_s']:>6}s  "
-            f"{level['inter_token_p99_s']:>6}s  {level['slowest_vs_median_rate']:>14}"
+            f"{level['inter_token_p99_s']:>6}s  {level['slowest_vs_median_rate']:>14}  {level['load_average']}"
         )
 
 

@@ -322,10 +322,11 @@ class Engine:
 
     def _step(self) -> None:
         logits = self._batch.step().float().cpu()
+        normalizers = _normalizers(logits, [row.handle.request.logprobs is not None for row in self._batch.rows])
         done = []
         for slot, row in enumerate(self._batch.rows):
             try:
-                finished = self._choose(row, logits[slot : slot + 1])
+                finished = self._choose(row, logits[slot : slot + 1], normalizers[slot : slot + 1])
             except PhiError as exc:
                 self._finish(row.handle, Ended("error", str(exc)))
                 finished = True
@@ -333,11 +334,14 @@ class Engine:
                 done.append(slot)
         self._batch.leave(done)
 
-    def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick ``row``'s next token from its (1, vocab) logits and report it; whether it finished the row."""
+    def _choose(self, row: _Row, logits: torch.Tensor, normalizer: torch.Tensor | None = None) -> bool:
+        """Pick ``row``'s next token from its (1, vocab) logits and report it; whether it finished the row.
+        ``normalizer``: the row's log-sum-exp if it wants log-probabilities, else its maximum (computed here if not
+        given), which shows NaN or inf anywhere in the row."""
         request, scores = row.handle.request, logits.float().cpu()
         wanted = request.logprobs is not None
-        normalizer = torch.logsumexp(scores, dim=-1) if wanted else scores.amax(dim=-1)
+        if normalizer is None:
+            normalizer = _normalizers(scores, [wanted])
         check_finite(normalizer, self.model)
         token = int(choose_tokens(scores, row.seen, request.params.sampling, row.generator)[0])
         logprob, top = None, None
@@ -503,6 +507,16 @@ class _RunningBatch:
     def _unused_leading_columns(self) -> int:
         used = self.mask[: len(self.rows), : self.cache.length].any(dim=0)
         return int(used.int().argmax()) if bool(used.any()) else self.cache.length
+
+
+def _normalizers(logits: torch.Tensor, log_sum_exp: list[bool]) -> torch.Tensor:
+    """Per row of (rows, vocab) ``logits``: the log-sum-exp where asked for, else the maximum (cheaper); one batched
+    call each, not one per row."""
+    normalizers = logits.amax(dim=-1)
+    if any(log_sum_exp):
+        wanted = torch.tensor(log_sum_exp)
+        normalizers[wanted] = torch.logsumexp(logits[wanted], dim=-1)
+    return normalizers
 
 
 def _top(logprobs: torch.Tensor, count: int) -> list[TopLogprobs]:
