@@ -40,7 +40,7 @@ from phi_core.bench import SHAPES, random_model, random_state, transformers_twin
 from phi_core.generation import GenerationParams, Timing, generate
 from phi_core.precision import FLOAT_DTYPES
 
-DTYPES = ["float32", "bfloat16", "float16", "int8"]
+DTYPES = ["float32", "bfloat16", "float16", "int8", "int4"]
 
 
 def gemv_bandwidth(repeats: int = 20) -> float:

@@ -28,6 +28,7 @@ with integer dot products (AVX-512 VNNI, or AVX2's ``maddubs``), as llama.cpp do
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -129,7 +131,7 @@ class Choice:
 # docs/performance.md and benchmarks/linear_layout.py, which repeats the measurements.
 CHOICES: dict[Level, dict[str, Choice]] = {
     "avx512": {
-        "float32": Choice("dense", "phi avx512 f32", "torch mkl", 16),
+        "float32": Choice("dense", "phi avx512 f32", "phi avx512 f32", 1 << 30),
         "bfloat16": Choice("rows-bf16", "phi avx512 bf16", "phi avx512 bf16", 1 << 30),
         "float16": Choice("rows-f16", "phi avx512 f16", "phi avx512 f16", 1 << 30),
         "int8": Choice("tiles-int8", "phi avx512 q8", "phi avx512 q8", 1 << 30),
@@ -317,7 +319,19 @@ def _build(level: Level) -> Kernels | None:
     manifest |= {"compiler": compiler, "cpu": cpu_info().model}
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     _status[level] = f"{level} kernels compiled into {library_path}"
+    _remove_stale(level, library_path, manifest_path)
     return Kernels(library_path, level)
+
+
+def _remove_stale(level: Level, *current: Path) -> None:
+    """Libraries of this level built from other sources (older phi_core versions rebuild theirs if needed), and
+    builds abandoned over an hour ago."""
+    folder = current[0].parent
+    abandoned = [p for p in folder.glob("tmp*.so") if p.stat().st_mtime < time.time() - 3600]
+    for path in [*folder.glob(f"cpu_kernels-{level}-*"), *abandoned]:
+        if path not in current:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def self_test(kernels: Kernels) -> None:

