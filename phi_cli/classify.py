@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from phi_cli.cluster import RayRun, run_on_ray
 from phi_cli.errors import UsageProblem
 from phi_cli.io import (
     argument_text,
@@ -20,8 +21,28 @@ from phi_cli.io import (
     visible,
     write_json_line,
 )
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, RevisionOpt, TruncateOpt, load_for_task
+from phi_cli.options import (
+    AttnOpt,
+    CpusPerReplicaOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    GpusPerReplicaOpt,
+    IdFieldOpt,
+    ModelOpt,
+    OnErrorOpt,
+    OutputDirOpt,
+    OutputFormatOpt,
+    QuietOpt,
+    RayAddressOpt,
+    RayOpt,
+    ReplicasOpt,
+    RevisionOpt,
+    TruncateOpt,
+    load_for_task,
+)
 from phi_core.classify import Classification, ScoreFunction, classify
+from phi_core.distributed import ClassifyJob, ModelSpec, TagJob
 from phi_core.records import classification_record, tag_record
 from phi_core.tagging import Aggregation, TaggedText, tag
 
@@ -59,13 +80,33 @@ def classify_command(
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
     device: DeviceOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    cpus_per_replica: CpusPerReplicaOpt = 1.0,
+    gpus_per_replica: GpusPerReplicaOpt = 0.0,
+    output: OutputDirOpt = None,
+    output_format: OutputFormatOpt = None,
+    on_error: OnErrorOpt = "fail",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Label whole texts with a sequence-classification model.
 
     phi classify "def f(x): return x" "Return the sum of two numbers."
 
     phi classify --input snippets.jsonl --all-scores > labelled.jsonl
+
+    phi classify --input s3://bucket/texts/ --ray-address auto --output s3://bucket/labels/
     """
+    run = RayRun(
+        ray, ray_address, replicas, cpus_per_replica, gpus_per_replica, output, output_format, on_error, id_field, force
+    )
+    if run.requested:
+        job = ClassifyJob(top_k, all_scores, function, truncate)
+        model_spec = ModelSpec(model, revision, dtype, attn, device)
+        return run_on_ray(job, input_file, model_spec, run, batch_size, quiet, ["TEXTS"] if texts else [])
+    run.check_local()
     records = _records(texts, input_file, quiet)
     classifier, tokenizer = load_for_task("sequence-classification", model, revision, dtype, attn, device, quiet)
     shown = len(classifier.config.id2label) if all_scores else top_k
@@ -100,16 +141,36 @@ def tag_command(
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
     device: DeviceOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    cpus_per_replica: CpusPerReplicaOpt = 1.0,
+    gpus_per_replica: GpusPerReplicaOpt = 0.0,
+    output: OutputDirOpt = None,
+    output_format: OutputFormatOpt = None,
+    on_error: OnErrorOpt = "fail",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Label the tokens or words of texts with a token-classification model, with character offsets.
 
     phi tag "for item in items: print(item)"
 
     phi tag --aggregate none --json "x = 1"
+
+    phi tag --input texts.jsonl --ray --replicas 2 --output tagged/
     """
+    ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
+    run = RayRun(
+        ray, ray_address, replicas, cpus_per_replica, gpus_per_replica, output, output_format, on_error, id_field, force
+    )
+    if run.requested:
+        job = TagJob(aggregate, ignored, truncate)
+        model_spec = ModelSpec(model, revision, dtype, attn, device)
+        return run_on_ray(job, input_file, model_spec, run, batch_size, quiet, ["TEXTS"] if texts else [])
+    run.check_local()
     records = _records(texts, input_file, quiet)
     tagger, tokenizer = load_for_task("token-classification", model, revision, dtype, attn, device, quiet)
-    ignored = tuple(ignore_labels) if ignore_labels is not None else ("O",)
     results = tag(tagger, tokenizer, [r["text"] for r in records], aggregate, ignored, batch_size, truncate)
     as_json = json_output or input_file is not None
     labels = list(tagger.config.id2label.values())

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from phi_cli.cluster import RayRun, run_on_ray
 from phi_cli.errors import UsageProblem
 from phi_cli.io import (
     argument_text,
@@ -19,14 +20,24 @@ from phi_cli.io import (
 )
 from phi_cli.options import (
     AttnOpt,
+    CpusPerReplicaOpt,
     DeviceOpt,
     DtypeOpt,
+    ForceOpt,
     FormatOpt,
+    GpusPerReplicaOpt,
+    IdFieldOpt,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
+    OnErrorOpt,
+    OutputDirOpt,
+    OutputFormatOpt,
     QuietOpt,
+    RayAddressOpt,
+    RayOpt,
     RepetitionPenaltyOpt,
+    ReplicasOpt,
     RevisionOpt,
     SampleOpt,
     SeedOpt,
@@ -39,6 +50,7 @@ from phi_cli.options import (
     model_folder,
 )
 from phi_core.completion import Completion, CompletionSetup, PromptToken, complete, completion_setup
+from phi_core.distributed import GenerateJob, ModelSpec
 from phi_core.records import completion_record
 
 SAMPLING = "Sampling"
@@ -88,6 +100,16 @@ def generate_command(
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
     device: DeviceOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    cpus_per_replica: CpusPerReplicaOpt = 1.0,
+    gpus_per_replica: GpusPerReplicaOpt = 0.0,
+    output: OutputDirOpt = None,
+    output_format: OutputFormatOpt = None,
+    on_error: OnErrorOpt = "fail",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Generate text from a prompt, stdin or a JSONL file.
 
@@ -98,9 +120,20 @@ def generate_command(
     cat script.py | phi generate "def test_main():"
 
     phi generate --input prompts.jsonl --json > out.jsonl
+
+    phi generate --input 'prompts/*.jsonl' --ray --output completions/
     """
-    records = _records(prompt, input_file, quiet)
     overrides = generation_overrides(max_new_tokens, sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    run = RayRun(
+        ray, ray_address, replicas, cpus_per_replica, gpus_per_replica, output, output_format, on_error, id_field, force
+    )
+    if run.requested:
+        job = GenerateJob(overrides, prompt_format, tuple(stop or ()), ignore_eos, truncate)
+        local_only = [name for name, given in (("PROMPT", prompt), ("--echo", echo), ("--stats", stats)) if given]
+        model_spec = ModelSpec(model, revision, dtype, attn, device)
+        return run_on_ray(job, input_file, model_spec, run, batch_size, quiet, local_only)
+    run.check_local()
+    records = _records(prompt, input_file, quiet)
     lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
     setup = completion_setup(model_folder(model, revision), overrides, prompt_format, tuple(stop or ()), ignore_eos)
     as_json = json_output or input_file is not None

@@ -191,3 +191,69 @@ TruncateOpt = Annotated[
         "classify or tag its start)."
     ),
 ]
+
+# Distributed runs (`--ray`, phi_core.distributed), shared by generate, classify and tag.
+RAY_PANEL = "Distributed (Ray)"
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run on Ray over --input into the dataset folder --output; without --ray-address, on a local Ray "
+        "instance sized to this machine. Needs the ray extra.",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="ADDRESS|auto",
+        help="Run on the Ray cluster at ADDRESS (host:port of its head, or auto: the cluster this machine is part "
+        "of, or RAY_ADDRESS); implies --ray.",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Model replicas (Ray actors), each loading the model once.",
+        show_default="as many as the cluster's CPUs (or GPUs) allow",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+CpusPerReplicaOpt = Annotated[
+    float,
+    typer.Option(min=0.1, help="CPUs each replica reserves (and torch threads it runs).", rich_help_panel=RAY_PANEL),
+]
+GpusPerReplicaOpt = Annotated[
+    float, typer.Option(min=0.0, help="GPUs each replica reserves (0: CPU only).", rich_help_panel=RAY_PANEL)
+]
+OutputDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        help="Dataset folder a --ray run publishes once every row is done: part-NNNNN shards, _SUCCESS, "
+        "_errors.jsonl. A local path or a URI pyarrow knows (s3://...).",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+OutputFormatOpt = Annotated[
+    Literal["jsonl", "parquet"] | None,
+    typer.Option(help="Format of the output shards.", show_default="the input's", rich_help_panel=RAY_PANEL),
+]
+OnErrorOpt = Annotated[
+    Literal["fail", "skip"],
+    typer.Option(
+        help="A bad row (not JSON, missing or non-string field, too long without --truncate): fail naming its file "
+        "and line, or skip it into OUTPUT/_errors.jsonl with the reason.",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+IdFieldOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A field of every row that identifies it in the output, instead of the added _file and _row.",
+        rich_help_panel=RAY_PANEL,
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option(help="Replace --output if it exists.", rich_help_panel=RAY_PANEL)]

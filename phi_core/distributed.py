@@ -579,9 +579,7 @@ def _ray_session(address: str | None) -> Iterator[float]:
     main = threading.current_thread() is threading.main_thread()
     handlers = {number: signal.getsignal(number) for number in signals} if main else {}
     try:
-        ray.init(
-            address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
-        )
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as exc:
         raise PhiError(f"cannot connect to the Ray cluster at {address}: {_message(exc)}") from None
     finally:
@@ -625,7 +623,7 @@ def _results(
         context.max_consecutive_actor_init_deaths = 2  # a model that cannot load fails the job, soon
     if not items:
         return
-    blocks = min(len(items), max(4 * replicas, math.ceil(len(items) / 4)), 20_000)
+    blocks = min(len(items), 20_000)  # an item a block where it can: retries and progress come per block
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         Replica,
         fn_constructor_kwargs={

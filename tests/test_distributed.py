@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,14 +22,11 @@ from phi_core.distributed import (
     DIE_FILE_VARIABLE,
     ClassifyJob,
     Cluster,
-    GenerateJob,
     JobFailed,
     ModelSpec,
-    TagJob,
     list_inputs,
     run_job,
 )
-from phi_core.generation_config import GenerationOverrides
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -75,6 +73,14 @@ def local(args: list[str]) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def on_ray(args: list[str]) -> str:
+    """Run a command with --ray on the module's Ray instance (the connection this process holds); its stderr."""
+    result = CliRunner().invoke(app, [*args, "--ray", "--replicas", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    return result.stderr
+
+
 def published(folder: Path) -> list[dict]:
     """The records of a published dataset folder, after checking its manifest."""
     manifest = json.loads((folder / "_SUCCESS").read_text())
@@ -102,9 +108,8 @@ def without_timing(records: list[dict]) -> list[dict]:
 def test_classify_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
     source = write_jsonl(tmp_path / "texts.jsonl", texts(3000), blank_every=97)
     expected = local(["classify", "--input", str(source), "--json", "--top-k", "2"])
-    job = ClassifyJob(top_k=2)
-    summary = run_job(job, ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2), batch_size=8)
-    assert (summary.rows, summary.written, summary.errors) == (3000, 3000, 0)
+    said = on_ray(["classify", "--input", str(source), "--top-k", "2", "--output", str(tmp_path / "out")])
+    assert "3000 of 3000 rows written" in said
     records = published(tmp_path / "out")
     assert records == sorted(records, key=lambda r: r["_row"])  # shards in input order
     assert by_row(records, source) == expected
@@ -138,8 +143,7 @@ def test_generate_on_ray_samples_what_the_local_mode_samples(die_file, tmp_path)
     source = write_jsonl(tmp_path / "prompts.jsonl", texts(160, field="prompt", seed=2), blank_every=31)
     args = ["--max-new-tokens", "4", "--seed", "7", "--batch-size", "4"]
     expected = local(["generate", "--input", str(source), *args])
-    job = GenerateJob(overrides=GenerationOverrides(max_new_tokens=4, seed=7))
-    run_job(job, ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2), batch_size=4)
+    on_ray(["generate", "--input", str(source), *args, "--output", str(tmp_path / "out")])
     records = by_row(published(tmp_path / "out"), source)
     assert without_timing(records) == without_timing(expected)
     assert records[0]["generation"]["do_sample"] == {"value": True, "from": "checkpoint"}
@@ -148,7 +152,7 @@ def test_generate_on_ray_samples_what_the_local_mode_samples(die_file, tmp_path)
 def test_tag_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
     source = write_jsonl(tmp_path / "texts.jsonl", texts(1000, seed=3))
     expected = local(["tag", "--input", str(source), "--json", "--aggregate", "first"])
-    run_job(TagJob(aggregate="first"), ModelSpec(), str(source), str(tmp_path / "out"), Cluster(replicas=2))
+    on_ray(["tag", "--input", str(source), "--aggregate", "first", "--output", str(tmp_path / "out")])
     assert by_row(published(tmp_path / "out"), source) == expected
 
 
@@ -234,4 +238,31 @@ def test_an_existing_output_is_refused_unless_forced(die_file, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["_SUCCESS", "part-00000.jsonl"]
 
 
-_unused = (signal, subprocess, sys, time)
+PHI = Path(sys.executable).parent / "phi"
+
+
+@pytest.mark.parametrize(
+    ("how", "send", "code", "said"),
+    [("--ray-address", signal.SIGINT, 130, "interrupted"), ("--ray", signal.SIGTERM, 143, "terminated by SIGTERM")],
+)
+def test_an_interrupted_job_publishes_nothing_and_says_how_far_it_got(die_file, tmp_path, how, send, code, said):
+    if not PHI.exists():
+        pytest.skip(f"no console script at {PHI}: pip install -e . first")
+    source = write_jsonl(tmp_path / "prompts.jsonl", texts(2000, field="prompt", seed=6))
+    where = [how, ray.get_runtime_context().gcs_address] if how == "--ray-address" else [how, "--replicas", "1"]
+    args = [str(PHI), "generate", "--input", str(source), "--output", str(tmp_path / "out"), *where]
+    process = subprocess.Popen([*args, "--max-new-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in tmp_path.glob(".out.*.partial/part-*")):  # some rows are written
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(send)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    last = err.decode().strip().splitlines()[-1]
+    assert process.returncode == code, err.decode()
+    found = re.fullmatch(rf"error: {said} after (\d+) of 2000 rows; nothing was published", last)
+    assert found and int(found[1]) > 0, last
+    assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no output folder, no staging folder
