@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from phi_cli.options import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, model_choice, silence_notices
+from phi_cli.options import (
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ModelOpt,
+    RevisionOpt,
+    model_choice,
+    silence_notices,
+)
 
 SERVER = "Server"
 
@@ -57,12 +66,13 @@ def serve_command(
         typer.Option(min=0.0, help="Seconds SIGINT/SIGTERM waits for running requests.", rich_help_panel=SERVER),
     ] = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log lines on stderr.")] = False,
+    chat_format: FormatOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
     device: DeviceOpt = None,
 ) -> None:
-    """Serve a model over HTTP with OpenAI's completions API (one log line per request on stderr).
+    """Serve a model over HTTP with OpenAI's completions and chat completions API (one log line per request on stderr).
 
     phi serve
 
@@ -90,5 +100,6 @@ def serve_command(
         quiet=quiet,
         name=served_model_name,
         threads=threads,
+        chat_format=chat_format,
     )
     serve(settings)

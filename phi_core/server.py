@@ -38,6 +38,7 @@ from phi_core.generation import GenerationParams
 from phi_core.generation_config import GenerationDefaults, GenerationOverrides, resolve_generation
 from phi_core.metrics import ServerMetrics
 from phi_core.model import PhiForCausalLM
+from phi_core.prompt_format import BUILT_IN_FORMATS, PromptFormat, checkpoint_format, choose_format, special_tokens
 from phi_core.tokenizer import ENDOFTEXT, PhiTokenizer
 
 try:  # the serve extra
@@ -48,6 +49,7 @@ try:  # the serve extra
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    from phi_core.chat_api import ChatCompletionRequest, chat_chunks, chat_object
     from phi_core.openai_protocol import (
         APIError,
         Choice,
@@ -66,7 +68,16 @@ else:
 log = logging.getLogger("phi.serve")
 access_log = logging.getLogger("phi.serve.access")  # one line per request; --quiet turns it off
 INSTALL_HINT = "phi serve needs the serve extra: pip install 'phi-toolkit[serve]'"
-KNOWN_PATHS = ("/v1/completions", "/v1/models", "/health", "/tokenize", "/detokenize", "/tokenizer_info", "/metrics")
+KNOWN_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/metrics",
+)
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 
@@ -89,6 +100,7 @@ class ServeSettings:
     quiet: bool = False
     name: str | None = None
     threads: int | None = None  # torch's CPU threads (None: torch's default, one per core)
+    chat_format: str | None = None  # /v1/chat/completions: a built-in format or a .jinja file (None: the model's own)
 
 
 class ModelService:
@@ -102,6 +114,9 @@ class ModelService:
         self.engine: Engine | None = None
         self.tokenizer: PhiTokenizer | None = None
         self.defaults = GenerationDefaults()
+        # How /v1/chat/completions renders messages: the checkpoint's template when it has one (set at load).
+        self.prompt_format: PromptFormat = BUILT_IN_FORMATS["chat"]
+        self.special_tokens: dict[str, str] = {}
         self.failure: str | None = None
         self.metrics = ServerMetrics(
             waiting=lambda: self.engine.waiting if self.engine else 0,
@@ -161,6 +176,8 @@ def serve(settings: ServeSettings, load: Loader | None = None) -> None:
         http.start()
         try:
             try:
+                if load is None:
+                    service.prompt_format, service.special_tokens = _chat_format(settings)
                 _load(service, load or functools.partial(_load_checkpoint, settings))
             finally:
                 signals.loading = False
@@ -241,6 +258,16 @@ def _load_checkpoint(settings: ServeSettings) -> tuple[PhiForCausalLM, PhiTokeni
     return model, load_tokenizer(source, revision), defaults
 
 
+def _chat_format(settings: ServeSettings) -> tuple[PromptFormat, dict[str, str]]:
+    """The format chat requests are rendered in: ``--format``, else the checkpoint's template, else ``chat``."""
+    from phi_core.checkpoint import resolve_source
+
+    folder = resolve_source(settings.source, settings.revision, weights=False)
+    name = settings.chat_format
+    own = checkpoint_format(folder) if name is None else choose_format(name, folder)
+    return own or BUILT_IN_FORMATS["chat"], special_tokens(folder)
+
+
 def _configure_log(quiet: bool) -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -287,6 +314,9 @@ def create_app(service: ModelService, api_key: str | None = None) -> Any:
 
     async def completions(request: Request) -> Response:
         return await _completions(request, service)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _chat_completions(request, service)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_object(service)]})
@@ -355,6 +385,7 @@ def create_app(service: ModelService, api_key: str | None = None) -> Any:
 
     routes = [
         Route("/v1/completions", authorized(completions), methods=["POST"]),
+        Route("/v1/chat/completions", authorized(chat_completions), methods=["POST"]),
         Route("/v1/models", authorized(models), methods=["GET"]),
         Route("/v1/models/{name:path}", authorized(model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -375,7 +406,14 @@ def _key_matches(header: str, api_key: str) -> bool:
 def _model_object(service: ModelService) -> dict[str, Any]:
     context = service.engine.context if service.engine else None
     created, name = service.created, service.name
-    return {"id": name, "object": "model", "created": created, "owned_by": "phi", "max_model_len": context}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "phi",
+        "max_model_len": context,
+        "chat_format": service.prompt_format.name,  # how /v1/chat/completions renders messages
+    }
 
 
 async def _json_body(request: Request) -> Any:
@@ -432,6 +470,27 @@ class _Completion:
 async def _completions(request: Request, service: ModelService) -> Response:
     arrived = time.perf_counter()
     body = parse(CompletionRequest, await _json_body(request))
+    run = _start(request, service, body, arrived)
+    if body.stream:
+        return StreamingResponse(run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await run.collect(request))
+
+
+async def _chat_completions(request: Request, service: ModelService) -> Response:
+    """The conversation rendered through the served model's prompt format, run as a completion, answered in the
+    chat shape."""
+    arrived = time.perf_counter()
+    chat = parse(ChatCompletionRequest, await _json_body(request))
+    service.check_model(chat.model)
+    run = _start(request, service, chat.as_completion(service.prompt_format, service.special_tokens), arrived)
+    if chat.stream:
+        chunks = chat_chunks(run.stream())
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(chat_object(await run.collect(request)))
+
+
+def _start(request: Request, service: ModelService, body: CompletionRequest, arrived: float) -> _Run:
+    """Check ``body`` and hand its choices to the engine."""
     body.check_no_ops()
     service.check_model(body.model)
     engine, tokenizer = service.ready()
@@ -445,10 +504,7 @@ async def _completions(request: Request, service: ModelService) -> Response:
         raise APIError(503, str(exc), code="shutting_down") from None
     except ValueError as exc:
         raise APIError(400, str(exc), "prompt") from None
-    run = _Run(service, plan, tokenizer, handles, events, arrived, request.scope["state"])
-    if body.stream:
-        return StreamingResponse(run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await run.collect(request))
+    return _Run(service, plan, tokenizer, handles, events, arrived, request.scope["state"])
 
 
 def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> Callable[[EngineEvent], None]:
