@@ -22,11 +22,14 @@ from phi_cli.options import (
     AttnOpt,
     CpusPerReplicaOpt,
     DeviceOpt,
+    DraftOpt,
+    DraftTokensOpt,
     DtypeOpt,
     ForceOpt,
     FormatOpt,
     GpusPerReplicaOpt,
     IdFieldOpt,
+    LookupOpt,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
@@ -46,12 +49,14 @@ from phi_cli.options import (
     TopPOpt,
     TruncateOpt,
     generation_overrides,
+    load_draft_model,
     load_for_task,
     model_folder,
 )
 from phi_core.completion import Completion, CompletionSetup, PromptToken, complete, completion_setup
 from phi_core.distributed import GenerateJob, ModelSpec
 from phi_core.records import completion_record
+from phi_core.speculative import DEFAULT_DRAFT_TOKENS
 
 SAMPLING = "Sampling"
 OUTPUT = "Input and output"
@@ -100,6 +105,9 @@ def generate_command(
     dtype: DtypeOpt = None,
     attn: AttnOpt = "sdpa",
     device: DeviceOpt = None,
+    lookup: LookupOpt = 0,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = DEFAULT_DRAFT_TOKENS,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     replicas: ReplicasOpt = None,
@@ -121,6 +129,10 @@ def generate_command(
 
     phi generate --input prompts.jsonl --json > out.jsonl
 
+    cat module.py | phi generate "# The same module, with type hints:" --lookup 8 --greedy
+
+    phi generate "def parse(text):" --draft int8 --model microsoft/phi-2 --dtype bfloat16
+
     phi generate --input 'prompts/*.jsonl' --ray --output completions/
     """
     overrides = generation_overrides(max_new_tokens, sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -129,13 +141,18 @@ def generate_command(
     )
     if run.requested:
         job = GenerateJob(overrides, prompt_format, tuple(stop or ()), ignore_eos, truncate)
-        local_only = [name for name, given in (("PROMPT", prompt), ("--echo", echo), ("--stats", stats)) if given]
+        given = (("PROMPT", prompt), ("--echo", echo), ("--stats", stats), ("--lookup", lookup), ("--draft", draft))
+        local_only = [name for name, value in given if value]
         model_spec = ModelSpec(model, revision, dtype, attn, device)
         return run_on_ray(job, input_file, model_spec, run, batch_size, quiet, local_only)
     run.check_local()
+    if lookup and draft is not None:
+        raise UsageProblem("--lookup and --draft: choose one way to propose tokens")
     records = _records(prompt, input_file, quiet)
     lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
-    setup = completion_setup(model_folder(model, revision), overrides, prompt_format, tuple(stop or ()), ignore_eos)
+    drafter = load_draft_model(draft, draft_tokens, model, revision, dtype, attn, device, tokenizer, quiet)
+    folder = model_folder(model, revision)
+    setup = completion_setup(folder, overrides, prompt_format, tuple(stop or ()), ignore_eos, lookup, drafter)
     as_json = json_output or input_file is not None
     prompts = [r["prompt"] for r in records]
     fmt, special = setup.prompt_format, setup.special_tokens
@@ -214,3 +231,16 @@ def _print_stats(finished: list[Completion], precision: str, batch_size: int, se
     stderr.print(
         f"format {setup.prompt_format.name}; generation: {settings}", highlight=False, markup=False, soft_wrap=True
     )
+    speculated = [c.speculation for c in finished if c.speculation is not None]
+    if setup.speculation is not None and speculated:
+        total = speculated[0]
+        for stats in speculated[1:]:
+            total = total.add(stats)
+        per_pass = (total.accepted + total.passes) / total.passes if total.passes else 0.0
+        stderr.print(
+            f"speculation ({setup.speculation}): {total.proposed} tokens proposed, {total.accepted} accepted "
+            f"({total.acceptance:.1%}); {total.passes} checking passes, {per_pass:.2f} tokens each",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )

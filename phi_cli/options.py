@@ -19,6 +19,7 @@ from phi_core.generation_config import GenerationOverrides
 from phi_core.loading import check_tokenizer_fits
 from phi_core.model import PhiPreTrained
 from phi_core.precision import DTYPE_CHOICES
+from phi_core.speculative import Draft, load_draft
 from phi_core.tasks import TASKS
 
 MODEL_PANEL = "Model"
@@ -158,6 +159,55 @@ FormatOpt = Annotated[
     ),
 ]
 
+# Speculative decoding (phi_core.speculative): proposed tokens checked in one pass; greedy output unchanged.
+SPECULATION_PANEL = "Speculative decoding"
+LookupOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        metavar="N",
+        help="Prompt lookup: propose up to N tokens that followed the last few tokens earlier in the prompt or "
+        "output, all checked in one pass (pays when the output copies the input: edits, answers from a text). "
+        "0: off.",
+        rich_help_panel=SPECULATION_PANEL,
+    ),
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="int8|int4|MODEL",
+        help="Speculative decoding with a draft model: int8 or int4, a quantized copy of the model; or a checkpoint "
+        "(folder, Hub id) with the same tokenizer, such as phi-1.5 for phi-2.",
+        rich_help_panel=SPECULATION_PANEL,
+    ),
+]
+DraftTokensOpt = Annotated[
+    int,
+    typer.Option(min=1, metavar="K", help="Most tokens the draft proposes a step.", rich_help_panel=SPECULATION_PANEL),
+]
+
+
+def load_draft_model(
+    spec: str | None,
+    tokens: int,
+    model: str | None,
+    revision: str | None,
+    dtype: str | None,
+    attn: str,
+    device: str | None,
+    tokenizer: PhiTokenizer,
+    quiet: bool = False,
+) -> Draft | None:
+    """The ``--draft`` model (None without one): a quantized copy of the model the other options name, or a
+    checkpoint with its tokenizer, loaded with the same dtype, attention and device options."""
+    if spec is None:
+        return None
+    choice = model_choice("causal-lm", model, revision, dtype, attn, device)
+    with progress("loading draft model...", enabled=not quiet):
+        return load_draft(
+            spec, choice.source, tokenizer, tokens, choice.dtype, choice.attn, choice.device, choice.revision
+        )
+
 
 def generation_overrides(
     max_new_tokens: int | None,
@@ -191,6 +241,7 @@ TruncateOpt = Annotated[
         "classify or tag its start)."
     ),
 ]
+
 
 # Distributed runs (`--ray`, phi_core.distributed), shared by generate, classify and tag.
 RAY_PANEL = "Distributed (Ray)"

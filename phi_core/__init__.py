@@ -10,6 +10,7 @@ Layers (a module imports only from the rows above it; tests/test_architecture.py
     checkpoint, tokenizer              finding a checkpoint and reading its files inside it
     model, tasks, layouts              the decoder and heads; one row per task; old layouts' rename table
     loading, saving, convert           checkpoint <-> model (the inference form is one step of loading)
+    speculative                        speculative decoding: proposed tokens checked in one pass (prompt lookup, drafts)
     generation, generation_config, prompt_format, completion, conversation, classify, tagging, engine
     records                            the JSON record each batch command writes for one row
     bench, metrics, openai_protocol, server, distributed      measuring, serving, batch jobs on a Ray cluster

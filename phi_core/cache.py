@@ -60,6 +60,18 @@ class KVCache:
         self.keys = [stored.index_select(0, rows) for stored in self.keys]
         self.values = [stored.index_select(0, rows) for stored in self.values]
 
+    def gather_columns(self, columns: torch.Tensor) -> None:
+        """Row ``r``'s written columns ``columns[r]`` (a (rows, width) index tensor), in that order, become its first
+        ``width`` columns, and ``length`` becomes ``width`` (speculative decoding closes the holes rejected tokens
+        left; see :class:`phi_core.speculative.RowCache`)."""
+        width = columns.shape[1]
+        if width > self.length or (width and int(columns.max()) >= self.length):
+            raise PhiError(f"KV cache holds {self.length} positions; cannot gather columns beyond them")
+        for stored in (*self.keys, *self.values):
+            index = columns[:, None, :, None].expand(-1, stored.shape[1], -1, stored.shape[3])
+            stored[:, :, :width] = stored.gather(2, index)
+        self.length = width
+
     # Continuous batching (phi_core.engine): rows come and go while the batch keeps one common length.
     @classmethod
     def wrapping(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> KVCache:

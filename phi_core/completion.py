@@ -17,22 +17,34 @@ from phi_core.generation import FinishReason, GenerationParams, Timing, TokenEve
 from phi_core.generation_config import GenerationOverrides, ResolvedGeneration, generation_defaults, resolve_generation
 from phi_core.model import PhiForCausalLM
 from phi_core.prompt_format import BUILT_IN_FORMATS, PromptFormat, choose_format, special_tokens
+from phi_core.speculative import Draft, RowStats
 from phi_core.tokenizer import PhiTokenizer
 
 
 @dataclass(frozen=True)
 class CompletionSetup:
     """How a checkpoint's prompts are wrapped and generated: the prompt format, the special tokens its template
-    sees, and the generation settings (the checkpoint's defaults under the caller's overrides, each with its
-    origin)."""
+    sees, the generation settings (the checkpoint's defaults under the caller's overrides, each with its
+    origin), and speculative decoding (prompt lookup of up to ``lookup`` tokens, or a ``draft`` model)."""
 
     prompt_format: PromptFormat
     special_tokens: dict[str, str]
     generation: ResolvedGeneration
+    lookup: int = 0
+    draft: Draft | None = None
 
     @property
     def params(self) -> GenerationParams:
-        return self.generation.params
+        return replace(self.generation.params, lookup=self.lookup, draft=self.draft)
+
+    @property
+    def speculation(self) -> str | None:
+        """What proposes tokens (``lookup 8``, ``draft int8 copy, 4 tokens``), None without speculation."""
+        if self.lookup:
+            return f"prompt lookup, up to {self.lookup} tokens"
+        if self.draft is not None:
+            return f"draft {self.draft.name}, up to {self.draft.tokens} tokens"
+        return None
 
 
 def completion_setup(
@@ -41,10 +53,13 @@ def completion_setup(
     format_name: str | None = None,
     stop: tuple[str, ...] = (),
     ignore_eos: bool = False,
+    lookup: int = 0,
+    draft: Draft | None = None,
 ) -> CompletionSetup:
-    """The setup for completing prompts with the checkpoint in ``folder`` (its template, tokens and defaults)."""
+    """The setup for completing prompts with the checkpoint in ``folder`` (its template, tokens and defaults), with
+    speculative decoding by prompt ``lookup`` or a ``draft`` model (:mod:`phi_core.speculative`) when given."""
     generation = resolve_generation(overrides, generation_defaults(folder), stop=stop, ignore_eos=ignore_eos)
-    return CompletionSetup(choose_format(format_name, folder), special_tokens(folder), generation)
+    return CompletionSetup(choose_format(format_name, folder), special_tokens(folder), generation, lookup, draft)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class Completion:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    speculation: RowStats | None = None  # tokens proposed and accepted, with speculative decoding
 
     @property
     def completion_tokens(self) -> int:
@@ -138,4 +154,5 @@ def _complete_batch(
             prompt_tokens=len(encoded[row]),
             prefill_s=timing.prefill_s,
             decode_s=decode_s,
+            speculation=None if timing.speculation is None else timing.speculation[row],
         )

@@ -3,7 +3,8 @@
 The same generator serves the CLI, streaming and the benchmarks. Prompts of a batch are left-padded; each row
 finishes on its own (end of text, a stop string, or the length limit) and is then dropped from the batch, so
 it stops costing compute. Sampling is a chain of small pure functions that take an explicit
-``torch.Generator``.
+``torch.Generator``. With ``lookup`` or ``draft`` set, a pass checks proposed tokens too and may yield several per
+row (:mod:`phi_core.speculative`); greedy output is the same, sampled output has the same distribution.
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from typing import Literal
 
 import torch
 
-from phi_core.batching import left_pad
-from phi_core.cache import KVCache
 from phi_core.errors import PhiError
 from phi_core.model import PhiForCausalLM
+from phi_core.speculative import (
+    Draft,
+    Pick,
+    Proposal,
+    RowCache,
+    RowStats,
+    Speculator,
+    accept_greedy,
+    accept_sampled,
+)
 from phi_core.tokenizer import PhiTokenizer
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -174,10 +183,18 @@ class GenerationParams:
     max_length: int | None = None
     # Ids that end a row (a chat fine-tune may end turns on its own token); None: the tokenizer's end of text.
     eos_token_ids: tuple[int, ...] | None = None
+    # Speculative decoding (phi_core.speculative), one or the other: prompt lookup proposing up to this many tokens
+    # a step, or a draft model.
+    lookup: int = 0
+    draft: Draft | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {self.lookup}")
+        if self.lookup and self.draft is not None:
+            raise ValueError("prompt lookup and a draft model cannot both propose: choose one")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if self.max_length is not None and self.max_length <= 0:
@@ -203,10 +220,12 @@ class TokenEvent:
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of the prefill and of all decode steps (filled in as generation runs)."""
+    """Wall-clock seconds of the prefill and of all decode steps (filled in as generation runs), and with speculative
+    decoding each prompt's proposed and accepted tokens."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    speculation: list[RowStats] | None = None
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
@@ -240,7 +259,11 @@ def generate(
         raise ValueError("stop strings need a tokenizer")
     timing = timing if timing is not None else Timing()
     limits = [params.new_token_limit(len(prompt)) for prompt in prompts]
-    batch = _Batch.start(model, prompts, max(limits))
+    speculator = None
+    if params.lookup or params.draft is not None:
+        speculator = Speculator(model, prompts, max(limits), params.lookup, params.draft)
+        timing.speculation = speculator.stats
+    batch = _Batch.start(model, prompts, max(limits) + (speculator.room if speculator else 0))
     generator = torch.Generator(device="cpu")
     if params.sampling.seed is not None:
         generator.manual_seed(params.sampling.seed)
@@ -248,34 +271,101 @@ def generate(
         generator.seed()
     streams = [TextStream(tokenizer, params.stop) if tokenizer else _SilentStream() for _ in prompts]
     eos = end_of_text_ids(params, tokenizer, model)
+    track_seen = params.sampling.repetition_penalty != 1.0  # only the repetition penalty reads batch.seen
     counts = [0] * len(prompts)
     started = time.perf_counter()
-    logits = batch.prefill(model)
+    logits = batch.prefill(model)[:, None]
+    if speculator is not None:
+        speculator.prefill()
     timing.prefill_s = time.perf_counter() - started
     decode_started = time.perf_counter()
+    proposal: Proposal | None = None
+    accepted: list[int] | None = None
     while True:
-        scores = logits.float()
+        scores = logits.float()  # (rows, 1, vocab), or (rows, 1 + k, vocab) when the pass checked a proposal
         # NaN or +inf anywhere in a row shows in its log-sum-exp and in its maximum alike.
         normalizer = torch.logsumexp(scores, dim=-1) if params.logprobs else scores.amax(dim=-1)
-        check_finite(normalizer, model)
-        tokens = choose_tokens(scores.cpu(), batch.seen.cpu(), params.sampling, generator).to(logits.device)
-        if params.logprobs:
-            logprobs = (scores.gather(1, tokens[:, None]).squeeze(1) - normalizer).tolist()
+        if proposal is None:
+            check_finite(normalizer, model)
+            tokens = choose_tokens(scores[:, 0].cpu(), batch.seen.cpu(), params.sampling, generator)[:, None]
+            yielded = [1] * len(batch.rows)
         else:
-            logprobs = [None] * len(tokens)
-        finished = []
-        for slot, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), logprobs, strict=True)):
-            counts[row] += 1
-            reason, text = advance_stream(streams[row], token, eos, params.ignore_eos, limits[row] - counts[row])
-            if reason is not None:
-                finished.append(slot)
-            yield TokenEvent(row, token, logprob, text, reason)
+            tokens, kept = _verify(scores.cpu(), proposal, batch.seen.cpu(), params.sampling, generator)
+            checked = torch.arange(tokens.shape[1], device=normalizer.device) <= kept[:, None].to(normalizer.device)
+            check_finite(normalizer[checked], model)
+            batch.keep_checked(kept + 1, proposal, track_seen)
+            accepted, yielded = kept.tolist(), (kept + 1).tolist()
+        tokens = tokens.to(logits.device)
+        if params.logprobs:
+            logprobs = (scores.gather(2, tokens[..., None]).squeeze(-1) - normalizer).tolist()
+        token_rows = tokens.tolist()
+        finished, emitted = [], []
+        for slot, row in enumerate(batch.rows):
+            emitted.append([])
+            for column in range(yielded[slot]):
+                token = token_rows[slot][column]
+                counts[row] += 1
+                emitted[slot].append(token)
+                reason, text = advance_stream(streams[row], token, eos, params.ignore_eos, limits[row] - counts[row])
+                yield TokenEvent(row, token, logprobs[slot][column] if params.logprobs else None, text, reason)
+                if reason is not None:
+                    finished.append(slot)
+                    break
+        if speculator is not None:
+            speculator.accepted(proposal, accepted, emitted)
         if len(finished) == len(batch.rows):
             break
-        batch.drop(finished)
-        step_tokens = tokens[[s for s in range(len(tokens)) if s not in set(finished)]]
-        logits = batch.step(model, step_tokens, track_seen=params.sampling.repetition_penalty != 1.0)
+        live = batch.drop(finished)
+        last = torch.tensor([emitted[s][-1] for s in live], device=logits.device)
+        if track_seen:
+            batch.see(last)
+        if speculator is None:
+            logits = batch.step(model, last, None)
+            continue
+        if finished:
+            speculator.keep_rows(live, torch.tensor(live))
+        rooms = [limits[row] - counts[row] - 1 for row in batch.rows]
+        proposal = speculator.propose(rooms, batch.seen if track_seen else None, _picker(params.sampling, generator))
+        with speculator.clock:
+            logits = batch.step(model, last, proposal)
+        speculator.observe(logits.shape[0] * logits.shape[1], speculator.clock.seconds)
     timing.decode_s = time.perf_counter() - decode_started
+
+
+def _verify(
+    scores: torch.Tensor, proposal: Proposal, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a proposal against the logits (rows, 1 + k, vocab) of the pass that read it: (tokens (rows, 1 + k), kept
+    (rows,)); row ``r`` yields ``tokens[r, : kept[r] + 1]``, the proposed tokens it kept and one of the model's own.
+
+    Each position is scored as plain decoding would score it there: the repetition penalty sees the row's tokens and
+    the proposed ones before the position."""
+    drafted, counts = proposal.tokens, proposal.counts
+    seen_at = seen[:, None].expand(-1, scores.shape[1], -1)
+    if params.repetition_penalty != 1.0:
+        seen_at = seen_at.clone()
+        rows = torch.arange(len(drafted))
+        for column in range(1, scores.shape[1]):
+            seen_at[:, column] |= seen_at[:, column - 1]
+            seen_at[rows, column, drafted[:, column - 1]] = True
+    if params.temperature == 0.0:
+        targets = penalize_repetition(scores, seen_at, params.repetition_penalty).argmax(dim=-1)
+        return targets, accept_greedy(targets, drafted, counts)
+    probs = next_token_distribution(scores, seen_at, params)
+    return accept_sampled(probs, drafted, counts, proposal.probs, generator)
+
+
+def _picker(params: SamplingParams, generator: torch.Generator) -> Pick:
+    """How a draft picks each token: as the model would (greedy, or sampled with the same settings)."""
+
+    def pick(logits: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, seen = logits.float().cpu(), seen.cpu()
+        if params.temperature == 0.0:
+            return penalize_repetition(logits, seen, params.repetition_penalty).argmax(dim=-1), None
+        probs = next_token_distribution(logits, seen, params)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+    return pick
 
 
 class _SilentStream:
@@ -325,61 +415,57 @@ def check_finite(summary: torch.Tensor, model: PhiForCausalLM) -> None:
 
 @dataclass
 class _Batch:
-    """The rows still generating: their KV cache rows, attention mask, next positions and seen tokens."""
+    """The rows still generating: their prompt row numbers, padded prompt ids, seen tokens, and cache rows."""
 
     rows: list[int]
     prompt_ids: torch.Tensor
-    mask: torch.Tensor  # (rows, prompt + max_new) bool, preallocated; a column is set as each token arrives
-    positions: torch.Tensor  # (rows,) position of each row's next token
     seen: torch.Tensor  # (rows, vocab) bool, for the repetition penalty
-    cache: KVCache
+    lanes: RowCache
+    since: int = 0  # the cache column the last proposal was written from
 
     @classmethod
-    def start(cls, model: PhiForCausalLM, prompts: list[list[int]], max_new: int) -> _Batch:
-        device = model.device
-        ids, mask = left_pad(prompts, extra_columns=max_new)
-        width = ids.shape[1]
+    def start(cls, model: PhiForCausalLM, prompts: list[list[int]], room: int) -> _Batch:
+        lanes, ids = RowCache.start(model, prompts, room)
         seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool)
         for i, prompt in enumerate(prompts):
             seen[i, torch.tensor(prompt)] = True
-        return cls(
-            rows=list(range(len(prompts))),
-            prompt_ids=ids.to(device),
-            mask=mask.to(device),
-            positions=torch.tensor([len(p) for p in prompts], device=device),
-            seen=seen.to(device),
-            cache=model.new_cache(len(prompts), width + max_new),
-        )
+        return cls(rows=list(range(len(prompts))), prompt_ids=ids, seen=seen.to(model.device), lanes=lanes)
 
     def prefill(self, model: PhiForCausalLM) -> torch.Tensor:
-        width = self.prompt_ids.shape[1]
-        mask = self.mask[:, :width]
-        return model(self.prompt_ids, attention_mask=mask, cache=self.cache, last_only=True).logits[:, -1]
+        return self.lanes.prefill(model, self.prompt_ids)
 
-    def step(self, model: PhiForCausalLM, tokens: torch.Tensor, track_seen: bool) -> torch.Tensor:
-        """Record ``tokens`` as the rows' newest tokens and run one decode step on them."""
-        column = self.cache.length
-        self.mask[:, column] = True
-        if track_seen:  # only the repetition penalty reads it
-            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-        logits = model(
-            tokens[:, None],
-            attention_mask=self.mask[:, : column + 1],
-            cache=self.cache,
-            positions=self.positions[:, None],
-            last_only=True,
-        ).logits[:, -1]
-        self.positions += 1
-        return logits
+    def see(self, tokens: torch.Tensor) -> None:
+        """Record ``tokens`` (one per row) as seen by the repetition penalty."""
+        self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
 
-    def drop(self, slots: list[int]) -> None:
-        """Remove finished rows (by their slot in the current batch)."""
-        if not slots:
-            return
+    def step(self, model: PhiForCausalLM, tokens: torch.Tensor, proposal: Proposal | None) -> torch.Tensor:
+        """Run the rows' newest ``tokens`` (and a proposal to check after them): logits (rows, 1 + k, vocab)."""
+        if proposal is None:
+            return self.lanes.feed(model, tokens[:, None], last_only=True)
+        k = proposal.tokens.shape[1]
+        self.lanes.reserve(k + 1)
+        self.since = self.lanes.cache.length
+        fed = torch.cat((tokens[:, None], proposal.tokens.to(tokens.device)), dim=1)
+        valid = torch.arange(k + 1) <= proposal.counts[:, None]
+        return self.lanes.feed(model, fed, None if bool(valid.all()) else valid.to(tokens.device))
+
+    def keep_checked(self, kept: torch.Tensor, proposal: Proposal, track_seen: bool) -> None:
+        """Keep, of the last pass's tokens, each row's first ``kept[row]`` (its newest token and the proposed ones it
+        accepted): the rest leave the cache, and the accepted ones join the seen tokens."""
+        self.lanes.rollback(self.since, kept.to(self.lanes.mask.device))
+        if track_seen:
+            drafted = proposal.tokens
+            taken = torch.arange(drafted.shape[1]) < (kept - 1)[:, None]
+            rows = torch.arange(len(drafted))[:, None].expand_as(drafted)
+            self.seen[rows[taken].to(self.seen.device), drafted[taken].to(self.seen.device)] = True
+
+    def drop(self, slots: list[int]) -> list[int]:
+        """Remove finished rows (by their slot in the current batch); the slots kept, in order."""
         keep = [s for s in range(len(self.rows)) if s not in set(slots)]
-        index = torch.tensor(keep, device=self.mask.device)
+        if not slots:
+            return keep
+        index = torch.tensor(keep, device=self.seen.device)
         self.rows = [self.rows[s] for s in keep]
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
         self.seen = self.seen.index_select(0, index)
-        self.cache.keep_rows(index)
+        self.lanes.keep_rows(index)
+        return keep

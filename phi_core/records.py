@@ -19,8 +19,9 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def completion_record(record: dict[str, Any], done: Completion, dtype: str, setup: CompletionSetup) -> dict[str, Any]:
-    """`phi generate --json`: the prompt's completion, its tokens, timing, and the settings it ran with."""
-    return {
+    """`phi generate --json`: the prompt's completion, its tokens, timing, the settings it ran with, and with
+    speculative decoding the tokens proposed and accepted."""
+    out = {
         **record,
         "prompt": done.prompt,
         "completion": done.completion,
@@ -35,6 +36,16 @@ def completion_record(record: dict[str, Any], done: Completion, dtype: str, setu
         "format": setup.prompt_format.name,
         "generation": setup.generation.report(),
     }
+    if done.speculation is not None:
+        stats = done.speculation
+        out["speculation"] = {
+            "method": setup.speculation,
+            "proposed": stats.proposed,
+            "accepted": stats.accepted,
+            "acceptance_rate": round(stats.acceptance, 4),
+            "passes": stats.passes,
+        }
+    return out
 
 
 def classification_record(
