@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi_core.bench import SHAPES
+from phi_core.bench_models import SHAPES
 
 
 def write_phi_msft(folder: Path, shape: str, dtype: torch.dtype) -> int:

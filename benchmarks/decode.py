@@ -36,8 +36,16 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import phi_core
-from phi_core.bench import SHAPES, random_model, random_state, transformers_twin, weight_bytes_per_step
-from phi_core.generation import GenerationParams, Timing, generate
+from phi_core.bench_models import (
+    SHAPES,
+    our_generation,
+    random_model,
+    random_state,
+    transformers_generation,
+    transformers_prefill,
+    transformers_twin,
+    weight_bytes_per_step,
+)
 from phi_core.precision import FLOAT_DTYPES
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "int4"]
@@ -58,34 +66,21 @@ def gemv_bandwidth(repeats: int = 20) -> float:
 
 
 def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    timing = Timing()
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)  # as transformers
-    with torch.no_grad():
-        count = sum(1 for _ in generate(model, None, prompts, params, timing))
+    timing = our_generation(model, prompts, new_tokens)
     # The first new token comes from the prefill's logits: decode_s covers the other new_tokens - 1 steps.
-    steps = count - len(prompts)
+    steps = len(prompts) * (new_tokens - 1)
     return timing.prefill_s, steps / timing.decode_s if timing.decode_s else 0.0
 
 
 def theirs(twin, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        start = time.perf_counter()
-        twin(ids, attention_mask=mask, logits_to_keep=1)  # last position only, as generate() and ours do
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        twin.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=0,
-        )
-        total = time.perf_counter() - start
+    start = time.perf_counter()
+    transformers_prefill(twin, ids)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    transformers_generation(twin, ids, new_tokens)
     # generate() includes its own prefill: subtract the separately measured one.
-    decode = max(total - prefill, 1e-9)
+    decode = max(time.perf_counter() - start - prefill, 1e-9)
     return prefill, len(prompts) * (new_tokens - 1) / decode
 
 

@@ -14,17 +14,9 @@ from phi_cli.errors import UsageProblem
 from phi_cli.io import progress, stderr, stdout_console
 from phi_cli.options import QuietOpt
 from phi_core.attention import ATTENTION_BACKENDS
-from phi_core.bench import (
-    SHAPES,
-    BenchReport,
-    BenchSettings,
-    Mode,
-    format_bytes,
-    plot_chart,
-    run_benchmark,
-    write_csv,
-    write_json,
-)
+from phi_core.bench import run_benchmark
+from phi_core.bench_models import SHAPES
+from phi_core.bench_report import BenchReport, BenchSettings, Mode, format_bytes, plot_chart, write_csv, write_json
 from phi_core.errors import PhiError
 from phi_core.precision import DTYPE_CHOICES
 

@@ -13,7 +13,8 @@ Layers (a module imports only from the rows above it; tests/test_architecture.py
     speculative                        speculative decoding: proposed tokens checked in one pass (prompt lookup, drafts)
     generation, generation_config, prompt_format, completion, conversation, classify, tagging, engine
     records                            the JSON record each batch command writes for one row
-    bench, metrics, openai_protocol, server, distributed      measuring, serving, batch jobs on a Ray cluster
+    bench_models, bench_report, bench  random weights and transformers twins; reports and writers; the sweep
+    metrics, openai_protocol, chat_api, server, distributed    serving, batch jobs on a Ray cluster
 """
 
 from phi_core.config import PhiConfig, RopeScaling

@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from phi_cli.errors import DEBUG_HINT
 from phi_cli.main import app
-from phi_core.bench import SHAPES, BenchSettings, random_model, run_benchmark
+from phi_core.bench import run_benchmark
+from phi_core.bench_models import SHAPES, random_model
+from phi_core.bench_report import BenchSettings
 from phi_core.kernels import choose
 from phi_core.linear import packed_formats_available
 
