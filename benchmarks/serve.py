@@ -160,7 +160,13 @@ def serve_random(args: argparse.Namespace) -> None:
         return model, phi_core.load_tokenizer("tiny"), GenerationDefaults()
 
     settings = ServeSettings(
-        source=f"random {args.shape}", name="bench", port=0, quiet=True, max_batch=args.max_batch, max_queue=64
+        source=f"random {args.shape}",
+        name="bench",
+        port=0,
+        quiet=True,
+        max_batch=args.max_batch,
+        max_queue=64,
+        threads=args.threads,
     )
     serve(settings, load)
 
@@ -168,6 +174,7 @@ def serve_random(args: argparse.Namespace) -> None:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, __file__, "--serve", "--shape", args.shape, "--dtype", args.dtype]
     command += ["--max-batch", str(args.max_batch)] + (["--layers", str(args.layers)] if args.layers else [])
+    command += ["--threads", str(args.threads)] if args.threads else []
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     port = None
@@ -194,6 +201,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="sweeps over the client counts; medians reported")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: per core)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,7 +232,7 @@ def main() -> None:
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "serve")},
         "cpu": cpu_description(),
-        "torch_threads": __import__("torch").get_num_threads(),
+        "server_threads": args.threads or os.cpu_count(),
         "levels": levels,
     }
     print_table(report)
