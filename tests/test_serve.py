@@ -172,21 +172,23 @@ def test_greedy_tokens_identical_when_joining_a_running_batch(server, tiny):
     client = server.client()
     long_prompt = "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):"
     results: dict[str, Any] = {}
+    ended: dict[str, float] = {}
     started = threading.Event()
 
     def first() -> None:
         stream = client.completions.create(
-            model="tiny", prompt="def fibonacci(n):", max_tokens=60, stream=True, **GREEDY
+            model="tiny", prompt="def fibonacci(n):", max_tokens=150, stream=True, **GREEDY
         )
         ids = []
         for chunk in stream:
             ids += token_ids(chunk.choices[0])
             if len(ids) >= 4:
                 started.set()
-        results["first"] = ids
+        results["first"], ended["first"] = ids, time.monotonic()
 
     def join(name: str, **request: Any) -> None:
         results[name] = client.completions.create(model="tiny", **request).choices[0]
+        ended[name] = time.monotonic()
 
     jobs = [threading.Thread(target=first)]
     jobs[0].start()
@@ -203,7 +205,8 @@ def test_greedy_tokens_identical_when_joining_a_running_batch(server, tiny):
     assert call(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 2})[0] == 400
     for job in jobs:
         job.join(TIMEOUT)
-    assert results["first"] == phi_generate(tiny, "def fibonacci(n):", 60).tokens
+    assert all(ended[name] < ended["first"] for name in joiners)  # they ran beside it, not after it
+    assert results["first"] == phi_generate(tiny, "def fibonacci(n):", 150).tokens
     assert token_ids(results["long"]) == phi_generate(tiny, long_prompt, 20).tokens
     assert token_ids(results["short"]) == phi_generate(tiny, "import", 40).tokens
     again = client.completions.create(model="tiny", **sampled).choices[0]
