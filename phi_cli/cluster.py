@@ -135,7 +135,8 @@ def _print_summary(summary: JobSummary) -> None:
     replicas = f"{summary.replicas} replica{'' if summary.replicas == 1 else 's'}"
     stderr.print(
         f"{summary.written} of {summary.rows} rows written to {summary.output} ({shards}{errors}) "
-        f"in {summary.seconds:.1f} s, {summary.rows_per_s:.1f} rows/s, {replicas}",
+        f"in {summary.seconds:.1f} s, {summary.rows_per_s:.1f} rows/s, {replicas} "
+        f"({summary.rows_per_replica_s:.1f} rows/s each while working)",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -62,6 +62,7 @@ ERRORS = "_errors.jsonl"  # '_' first: dataset readers (Ray Data, pyarrow, Spark
 # Test-only fault injection, inert unless set: a replica that finds this file after its first item deletes it
 # and dies (os._exit) while working on the next one, so exactly one replica of a job dies, mid-run.
 DIE_FILE_VARIABLE = "PHI_RAY_TEST_DIE_FILE"
+log = logging.getLogger("phi_core")
 
 
 class BadRowError(PhiError):
@@ -143,10 +144,16 @@ class JobSummary:
     seconds: float
     startup_s: float
     replicas: int
+    busy_s: float  # the replicas' seconds of work, summed (reading, checking and running their rows)
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_replica_s(self) -> float:
+        """What one replica does in a second of work: the rate a cluster multiplies by its replicas."""
+        return self.rows / self.busy_s if self.busy_s > 0 else 0.0
 
 
 Progress = Callable[[int, int], None]  # (rows done, rows in all)
@@ -173,12 +180,13 @@ def run_job(
         raise ValueError(f"batch size must be positive, got {batch_size}")
     cluster = cluster or Cluster()
     began = time.perf_counter()
+    _require_ray()
     files = list_inputs(inputs)
     output_format = output_format or ("parquet" if all(f == "parquet" for _, f in files) else "jsonl")
     out = _Output(output, output_format, force, shard_rows)  # refuses an existing output before any work
     counter = _Counter(progress)
     with _ray_session(cluster.address) as startup_s:
-        replicas = _replica_count(cluster)
+        replicas = _replica_count(cluster, own_instance=startup_s is not None)
         try:
             items = _index(files, batch_size * max(1, math.ceil(item_rows / batch_size)))
             counter.start(sum(item["count"] for item in items), [path for path, _ in files])
@@ -192,7 +200,18 @@ def run_job(
                 f"{_message(exc)} ({counter.done} of {counter.total_text} rows were done; nothing was published)"
             ) from None
     seconds = time.perf_counter() - began
-    return JobSummary(counter.total, counter.written, counter.errors, written, output, seconds, startup_s, replicas)
+    return JobSummary(
+        counter.total, counter.written, counter.errors, written, output, seconds, startup_s or 0.0, replicas,
+        counter.busy_s,
+    )  # fmt: skip
+
+
+def _require_ray() -> None:
+    try:
+        import pyarrow  # noqa: F401  (ray[data] brings it)
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise PhiError("distributed runs need Ray Data: pip install 'phi-toolkit[ray]'") from None
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -442,6 +461,7 @@ class Replica:
     def __call__(self, batch: dict[str, Any]) -> Any:
         import pyarrow as pa
 
+        began = time.perf_counter()
         columns: dict[str, list[Any]] = {"file": [], "row": [], "line": [], "record": [], "error": []}
         for i in range(len(batch["path"])):
             item = {key: _scalar(values[i]) for key, values in batch.items()}
@@ -453,13 +473,10 @@ class Replica:
                 columns["error"].append(error)
         self._maybe_die()
         self.calls += 1
-        types = {
-            "file": pa.string(),
-            "row": pa.int64(),
-            "line": pa.int64(),
-            "record": pa.string(),
-            "error": pa.string(),
-        }
+        # the seconds this call took, on its first row: their sum over a job is the replicas' busy time
+        columns["seconds"] = [time.perf_counter() - began] + [0.0] * (len(columns["row"]) - 1)
+        types = {"file": pa.string(), "row": pa.int64(), "line": pa.int64(), "record": pa.string()}
+        types |= {"error": pa.string(), "seconds": pa.float64()}
         return pa.table({name: pa.array(values, types[name]) for name, values in columns.items()})
 
     def _run_item(self, item: dict[str, Any]) -> Iterator[tuple[_Row, str | None, str | None]]:
@@ -562,17 +579,16 @@ def _runner(job: Job, model: Any, tokenizer: Any, source: str, revision: str | N
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None) -> Iterator[float]:
-    """The current Ray connection, else one made here (and shut down at the end); yields the seconds it took.
+def _ray_session(address: str | None) -> Iterator[float | None]:
+    """The current Ray connection (yields None), else one made here and shut down at the end (yields the seconds it
+    took to make).
 
     ray.init puts its own SIGTERM handler in place of the caller's (phi's, which unwinds the stack so that the
     staging folder is removed); the caller's handlers are put back."""
-    try:
-        import ray
-    except ImportError:
-        raise PhiError("distributed runs need Ray: pip install 'phi-toolkit[ray]'") from None
+    import ray
+
     if ray.is_initialized():
-        yield 0.0
+        yield None
         return
     began = time.perf_counter()
     signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
@@ -592,15 +608,25 @@ def _ray_session(address: str | None) -> Iterator[float]:
         ray.shutdown()
 
 
-def _replica_count(cluster: Cluster) -> int:
+def _replica_count(cluster: Cluster, own_instance: bool) -> int:
+    """``cluster.replicas``, or as many as the cluster fits; replicas the cluster cannot fit are an error on the
+    instance this job started, and a warning on an existing cluster (which may be autoscaling)."""
     import ray
 
-    if cluster.replicas is not None:
-        return cluster.replicas
     resources = ray.cluster_resources()
-    if cluster.gpus_per_replica > 0:
-        return max(1, int(resources.get("GPU", 0) // cluster.gpus_per_replica))
-    return max(1, int(resources.get("CPU", 1) // cluster.cpus_per_replica))
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    replicas = cluster.replicas
+    if replicas is None:
+        fit = gpus // cluster.gpus_per_replica if cluster.gpus_per_replica > 0 else cpus // cluster.cpus_per_replica
+        replicas = max(1, int(fit))
+    need_cpus, need_gpus = replicas * cluster.cpus_per_replica, replicas * cluster.gpus_per_replica
+    if need_cpus > cpus or need_gpus > gpus:
+        text = f"{replicas} replicas need {need_cpus:g} CPUs and {need_gpus:g} GPUs; the Ray cluster has {cpus:g} and "
+        text += f"{gpus:g}"
+        if own_instance:
+            raise PhiError(f"{text} (ask for fewer --replicas, --cpus-per-replica or --gpus-per-replica)")
+        log.warning("%s: the job waits until the cluster has room for them", text)
+    return replicas
 
 
 def _results(
@@ -648,6 +674,7 @@ class _Counter:
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.total, self.done, self.written, self.errors = 0, 0, 0, 0
+        self.busy_s = 0.0  # the replicas' seconds of work on the rows that came back
         self.seen: dict[str, bytearray] = {}
         self.total_text = "?"
 
@@ -677,8 +704,10 @@ class _Counter:
 
 def _take(table: Any, writer: _ShardWriter, counter: _Counter, on_error: OnError) -> None:
     """Write one output table of the replicas: its records to the shards, its bad rows to the errors file."""
-    for path, row, line, record, error in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True):
+    names = ("file", "row", "line", "record", "error", "seconds")
+    for path, row, line, record, error, seconds in zip(*(table.column(n).to_pylist() for n in names), strict=True):
         counter.count(path, row)
+        counter.busy_s += seconds
         if error is None:
             writer.add(record)
             counter.written += 1
@@ -686,7 +715,7 @@ def _take(table: Any, writer: _ShardWriter, counter: _Counter, on_error: OnError
         where = f"{path} line {line}" if line is not None else f"{path} row {row + 1}"
         if on_error == "fail":
             counter.done -= 1
-            raise BadRowError(f"{where}: {error} (--on-error skip writes bad rows to {ERRORS} and goes on)")
+            raise BadRowError(f"{where}: {error}; --on-error skip would write it to {ERRORS} and go on")
         writer.error({"file": path, "row": row, "line": line, "reason": error})
         counter.errors += 1
     counter.report()

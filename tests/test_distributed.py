@@ -266,3 +266,33 @@ def test_an_interrupted_job_publishes_nothing_and_says_how_far_it_got(die_file, 
     found = re.fullmatch(rf"error: {said} after (\d+) of 2000 rows; nothing was published", last)
     assert found and int(found[1]) > 0, last
     assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no output folder, no staging folder
+
+
+def test_replicas_that_a_new_local_instance_cannot_fit_are_an_error(tmp_path):
+    if not PHI.exists():
+        pytest.skip(f"no console script at {PHI}: pip install -e . first")
+    source = write_jsonl(tmp_path / "texts.jsonl", texts(10))
+    args = [str(PHI), "classify", "--input", str(source), "--ray", "--replicas", "64", "--output", str(tmp_path / "o")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("error: 64 replicas need 64 CPUs and 0 GPUs; the Ray cluster")
+    )
+    assert os.listdir(tmp_path) == ["texts.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["classify", "x", "--ray", "--output", "o"], "TEXTS: not with --ray"),
+        (["generate", "--input", "p.jsonl", "--ray", "--echo", "--output", "o"], "--echo: not with --ray"),
+        (["tag", "--input", "-", "--ray", "--output", "o"], "not stdin"),
+        (["tag", "--input", "t.jsonl", "--ray"], "give --output DIR"),
+        (["classify", "--input", "t.jsonl", "--output", "o", "--on-error", "skip"], "--output, --on-error: only for"),
+        (["generate", "--input", "p.jsonl", "--replicas", "2"], "--replicas: only for a distributed run"),
+    ],
+)
+def test_options_that_do_not_go_together_are_usage_errors(args, said):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr
