@@ -266,6 +266,19 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_activations_give_nan_as_a_float_product_would(kind):
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    weight = torch.randn(20, 64, generator=torch.Generator().manual_seed(5))
+    packed, _, group = kernels.pack(kind, weight)
+    x = torch.ones(3, 64)
+    x[0, 5], x[2, 40] = float("nan"), float("inf")
+    for level in COMPILED:
+        got = kernels.library(level).linear(kind, x, packed, None, 20, group)
+        assert got[0].isnan().all() and got[1].isfinite().all() and not got[2].isfinite().any()
+
+
 @needs_kernels
 @pytest.mark.parametrize("weight_format", ["dense", "rows-bf16", "rows-f16", "tiles-int8", "tiles-int4"])
 def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):

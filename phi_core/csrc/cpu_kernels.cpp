@@ -61,7 +61,9 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* d, in
 #if PHI_AVX512
         const __m512 a = _mm512_loadu_ps(block), c = _mm512_loadu_ps(block + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
-        const float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        // NaN or infinity: the block's products become NaN, as a float product's would
+        const bool finite = !(_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(c, 0x99));
+        const float scale = finite ? amax / 127.0f : NAN, inverse = finite && amax > 0 ? 127.0f / amax : 0.0f;
         const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inverse)));
         const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(inverse)));
         _mm_storeu_si128((__m128i*)(q + start), _mm512_cvtsepi32_epi8(qa));
@@ -69,10 +71,14 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* d, in
         sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
 #else
         float amax = 0.0f;
-        for (int64_t i = 0; i < QBLOCK; ++i) amax = std::max(amax, std::fabs(block[i]));
-        const float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        bool finite = true;
         for (int64_t i = 0; i < QBLOCK; ++i) {
-            const int32_t v = (int32_t)std::nearbyint(block[i] * inverse);
+            amax = std::max(amax, std::fabs(block[i]));
+            finite = finite && std::isfinite(block[i]);
+        }
+        const float scale = finite ? amax / 127.0f : NAN, inverse = finite && amax > 0 ? 127.0f / amax : 0.0f;
+        for (int64_t i = 0; i < QBLOCK; ++i) {
+            const int32_t v = finite ? (int32_t)std::nearbyint(block[i] * inverse) : 0;
             q[start + i] = (int8_t)v;
             sum += v;
         }
