@@ -105,7 +105,7 @@ class _Reporter:
             return
         if stderr.is_terminal:
             self._update_bar(done, total)
-        elif time.monotonic() - self.logged >= LOG_EVERY_S or done == total:
+        elif done and (time.monotonic() - self.logged >= LOG_EVERY_S or done == total):
             self.logged = time.monotonic()
             rate = done / (self.logged - self.began)
             print(f"progress: {done} of {total} rows, {rate:.1f} rows/s", file=sys.stderr, flush=True)

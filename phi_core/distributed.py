@@ -479,21 +479,18 @@ class Replica:
         types |= {"error": pa.string(), "seconds": pa.float64()}
         return pa.table({name: pa.array(values, types[name]) for name, values in columns.items()})
 
-    def _run_item(self, item: dict[str, Any]) -> Iterator[tuple[_Row, str | None, str | None]]:
+    def _run_item(self, item: dict[str, Any]) -> list[tuple[_Row, str | None, str | None]]:
+        """(row, its JSON line or None, what is wrong with it or None) for each row of the item, in input order."""
         rows = read_item(item, self.job.input_field)
-        good = []
-        for row in rows:
-            error = row.error or self._problem(row.record)
-            if error is not None:
-                yield row, None, error
-            else:
-                good.append(row)
-        if not good:
-            return
-        records = self.runner.records([row.record for row in good], self.batch_size)
-        for row, record in zip(good, records, strict=True):
-            position = {} if self.id_field else {"_file": item["path"], "_row": row.row}
-            yield row, json_line({**record, **position}), None
+        errors = {row.row: row.error or self._problem(row.record) for row in rows}
+        good = [row for row in rows if errors[row.row] is None]
+        lines = {}
+        if good:
+            for row, record in zip(good, self.runner.records([row.record for row in good], self.batch_size),
+                                   strict=True):  # fmt: skip
+                position = {} if self.id_field else {"_file": item["path"], "_row": row.row}
+                lines[row.row] = json_line({**record, **position})
+        return [(row, lines.get(row.row), errors[row.row]) for row in rows]
 
     def _problem(self, record: dict[str, Any] | None) -> str | None:
         assert record is not None

@@ -40,6 +40,7 @@ TIMING = ("prefill_s", "decode_s", "tokens_per_s")  # wall-clock fields of gener
 def die_file(tmp_path_factory):
     """A small local Ray instance for the whole module; yields the file whose presence kills one replica."""
     die = tmp_path_factory.mktemp("fault") / "die"
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     ray.init(
         num_cpus=2,
         object_store_memory=256 * 1024**2,
@@ -48,6 +49,8 @@ def die_file(tmp_path_factory):
         logging_level=logging.ERROR,
         runtime_env={"env_vars": {DIE_FILE_VARIABLE: str(die)}},
     )
+    for number, handler in handlers.items():  # ray.init sets its own SIGTERM handler; the other tests keep theirs
+        signal.signal(number, handler)
     yield die
     ray.shutdown()
 
