@@ -8,12 +8,13 @@
     python benchmarks/decode.py --shape phi-1.5 --memory --dtype float32 --dtype bfloat16 --dtype int8
 
 Reports prefill seconds, decode tokens/s (median of --repeats rounds; each round runs every implementation and
-dtype once, in turn), the weight bytes each decode step reads, and the bandwidth that implies next to this
-machine's measured float32 GEMV bandwidth (a large matrix-vector product, the ceiling for float32 batch-1
-decoding), and each one's decode and prefill speed over the first one's (transformers float32), as the median
-of the per-round ratios. transformers runs in float32 (``--transformers-dtype`` adds
-others). ``--memory`` measures instead each dtype's peak resident memory in a fresh process of its own: loading a random
-checkpoint written to disk in --checkpoint-dtype (float16, as Microsoft's Phi checkpoints are stored) through
+dtype once at every batch size, in turn), the weight bytes each decode step reads, and the bandwidth that implies
+next to this machine's measured float32 GEMV bandwidth (a large matrix-vector product, the ceiling for float32
+batch-1 decoding), and each one's decode and prefill speed over the first one's (transformers float32), as the
+median of the per-round ratios; ``decode_vs_batch_1`` is a larger batch's aggregate decode rate over the same
+contender's at batch 1. transformers runs in float32 (``--transformers-dtype`` adds others). ``--memory`` measures
+instead each dtype's peak resident memory in a fresh process of its own: loading a random checkpoint written to
+disk in --checkpoint-dtype (float16, as Microsoft's Phi checkpoints are stored) through
 ``phi_core.load_model``, then a short generation.
 """
 
@@ -154,19 +155,33 @@ def speed_report(args: argparse.Namespace) -> list[dict]:
     for dtype in args.dtype or ["float32"]:
         model = random_model(config, dtype, "cpu")
         contenders.append(("phi_core", dtype, functools.partial(ours, model), weight_bytes_per_step(model)))
+    prompts = {
+        batch: torch.randint(0, 50000, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
+        for batch in batches
+    }
+    for batch in batches:
+        for _, _, runner, _ in contenders:
+            runner(prompts[batch].tolist(), 4)  # warm-up
+    # Batch sizes interleaved too: every round runs every contender at every batch size.
+    rounds = [
+        {
+            batch: [runner(prompts[batch].tolist(), args.new_tokens) for _, _, runner, _ in contenders]
+            for batch in batches
+        }
+        for _ in range(args.repeats)
+    ]
     results = []
     for batch in batches:
-        prompts = torch.randint(0, 50000, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
-        prompts = prompts.tolist()
-        for _, _, runner, _ in contenders:
-            runner(prompts, 4)  # warm-up
-        rounds = [[runner(prompts, args.new_tokens) for _, _, runner, _ in contenders] for _ in range(args.repeats)]
         for i, (name, dtype, _, step_bytes) in enumerate(contenders):
-            row = summary(name, dtype, [r[i] for r in rounds], batch, step_bytes, bandwidth)
+            row = summary(name, dtype, [r[batch][i] for r in rounds], batch, step_bytes, bandwidth)
             first = contenders[0]
             row["versus"] = f"{first[0]} {first[1]}"
-            row["decode_ratio"] = round(statistics.median(r[i][1] / r[0][1] for r in rounds), 3)
-            row["prefill_ratio"] = round(statistics.median(r[0][0] / r[i][0] for r in rounds), 3)
+            row["decode_ratio"] = round(statistics.median(r[batch][i][1] / r[batch][0][1] for r in rounds), 3)
+            row["prefill_ratio"] = round(statistics.median(r[batch][0][0] / r[batch][i][0] for r in rounds), 3)
+            if batch != batches[0]:
+                # aggregate decode tokens/s over the first batch size's, same contender, median of the rounds
+                ratios = (r[batch][i][1] / r[batches[0]][i][1] for r in rounds)
+                row[f"decode_vs_batch_{batches[0]}"] = round(statistics.median(ratios), 3)
             results.append(row)
             print(json.dumps(row), flush=True)
     return results

@@ -41,14 +41,6 @@ inline int32_t load_i32(const void* p) {
     return v;
 }
 
-// Split [0, count) into nthreads contiguous parts; this thread's part.
-inline void share(int64_t count, int64_t& begin, int64_t& end) {
-    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t base = count / threads, extra = count % threads;
-    begin = id * base + std::min(id, extra);
-    end = begin + base + (id < extra ? 1 : 0);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Activation quantization: x (M, K) -> q (M, Kp) int8, per 32-value block a scale d and the sum of q.
 // ---------------------------------------------------------------------------------------------------------------
@@ -307,15 +299,23 @@ void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, in
     }
 }
 
+// Work is shared out in units of about UNIT_BYTES of weights (more when many activation rows make a unit long),
+// each taken by whichever thread is free: on a busy machine a thread that loses its core holds up one unit, not
+// half of the product (with a static split, the other thread waited a whole time slice at the end).
+constexpr int64_t UNIT_BYTES = 128 << 10;
+inline int64_t unit_count(int64_t items, int64_t item_bytes, int64_t M, int64_t multiple, int64_t& unit) {
+    const int64_t bytes = M > 8 ? 2 * UNIT_BYTES : UNIT_BYTES;
+    unit = std::max<int64_t>(multiple, bytes / std::max<int64_t>(1, item_bytes) / multiple * multiple);
+    return (items + unit - 1) / unit;
+}
+
 template <class L>
 void float_product(const float* x, int64_t M, int64_t K, const typename L::T* w, int64_t N, const float* bias,
                    float* y, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        share(N, n0, n1);
-        if (n0 < n1) float_rows<L>(x, M, K, w, n0, n1, N, bias, y);
-    }
+    int64_t unit;
+    const int64_t units = unit_count(N, K * (int64_t)sizeof(typename L::T), M, 4, unit);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && units > 1)
+    for (int64_t u = 0; u < units; ++u) float_rows<L>(x, M, K, w, u * unit, std::min(N, (u + 1) * unit), N, bias, y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -565,12 +565,10 @@ void int_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const v
     const Quantized& a = quantize(x, M, K, Kp, nthreads);
     const IntArgs p{w, scales, N, Kp, group, bias, y, &a};
     const int64_t tiles = (N + TILE - 1) / TILE, tile_bytes = Q4 ? TILE * Kp / 2 : TILE * Kp;
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t t0, t1;
-        share(tiles, t0, t1);
-        int_tiles<Q4>(p, M, t0, t1, tile_bytes);
-    }
+    int64_t unit;
+    const int64_t units = unit_count(tiles, tile_bytes, M, 1, unit);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && units > 1)
+    for (int64_t u = 0; u < units; ++u) int_tiles<Q4>(p, M, u * unit, std::min(tiles, (u + 1) * unit), tile_bytes);
 }
 
 }  // namespace
