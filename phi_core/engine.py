@@ -10,6 +10,11 @@ are always the first rows of the cache and a step costs what they cost.
 Nothing else touches the model: :meth:`Engine.submit` queues requests and returns handles, and each request's
 events (:class:`PromptScores`, :class:`Token`, :class:`Ended`) come back through its sink, a queue by default.
 Sampling, stop strings and text deltas are :mod:`phi_core.generation`'s, as in ``phi generate``.
+
+Prompt lookup (a request's ``params.lookup``, else the engine's ``lookup``): a step also reads the tokens that
+followed each row's last n-gram earlier in its prompt and output, and a row keeps those its sampling accepts
+(:mod:`phi_core.speculative`); rows keep different counts, and the columns a row rejected stay as holes its mask
+hides until the cache runs out of room and the rows' columns are moved together.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,10 +38,12 @@ from phi_core.generation import (
     TextStream,
     advance_stream,
     check_finite,
+    check_proposal,
     choose_tokens,
     end_of_text_ids,
 )
 from phi_core.model import PhiForCausalLM
+from phi_core.speculative import Acceptance, Clock, Planner, PromptLookup, Proposal, StepCosts
 from phi_core.tokenizer import PhiTokenizer
 
 log = logging.getLogger("phi_core")
@@ -137,11 +144,23 @@ class RequestHandle:
 class Engine:
     """Decodes up to ``max_batch`` requests together; up to ``max_queue`` more wait for a row (more are refused)."""
 
-    def __init__(self, model: PhiForCausalLM, tokenizer: PhiTokenizer, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model: PhiForCausalLM,
+        tokenizer: PhiTokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        lookup: int = 0,
+    ) -> None:
         if max_batch <= 0 or max_queue < 0:
             raise ValueError(f"max_batch must be positive and max_queue >= 0, got {max_batch} and {max_queue}")
+        if lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {lookup}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.lookup = lookup  # prompt lookup for requests that do not ask for their own
+        self._planner = Planner(0, 1, StepCosts(), uses_draft=False)
+        self._clock = Clock(model.device)
         self.context = model.config.max_position_embeddings
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # submitted and not finished
@@ -197,6 +216,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if request.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if request.params.draft is not None:
+            raise ValueError("the serving engine speculates by prompt lookup, not with a draft model")
         total = len(prompt) + request.new_token_limit
         if total > self.context:
             raise ValueError(
@@ -306,7 +327,7 @@ class Engine:
                 if request.score_only:
                     self._finish(handle, Ended("length"))
                     continue
-                row = _Row.start(handle, self.model, self.tokenizer)
+                row = _Row.start(handle, self.model, self.tokenizer, self.lookup)
                 if not self._choose(row, logits[:, -1]):
                     self._batch.join(row, cache)
             except Exception as exc:  # this request fails; the others go on
@@ -321,18 +342,65 @@ class Engine:
         return cache, self.model(ids, cache=cache, last_only=not all_positions).logits
 
     def _step(self) -> None:
-        logits = self._batch.step().float().cpu()
-        normalizers = _normalizers(logits, [row.handle.request.logprobs is not None for row in self._batch.rows])
-        done = []
-        for slot, row in enumerate(self._batch.rows):
+        rows = self._batch.rows
+        proposal = self._propose()
+        with self._clock:
+            logits = self._batch.step(proposal).float().cpu()  # (rows, 1 + proposed, vocab)
+        width = logits.shape[1]
+        self._planner.costs.observe_model(len(rows) * width, self._clock.seconds)
+        wanted = [row.handle.request.logprobs is not None for row in rows for _ in range(width)]
+        normalizers = _normalizers(logits.flatten(0, 1), wanted).view(len(rows), width)
+        done, kept = [], []
+        for slot, row in enumerate(rows):
+            kept.append(1)
             try:
-                finished = self._choose(row, logits[slot : slot + 1], normalizers[slot : slot + 1])
+                if proposal is None or not int(proposal.counts[slot]):
+                    finished = self._choose(row, logits[slot : slot + 1, 0], normalizers[slot : slot + 1, 0])
+                else:
+                    kept[slot], finished = self._check(row, logits[slot : slot + 1], normalizers[slot], proposal, slot)
             except PhiError as exc:
                 self._finish(row.handle, Ended("error", str(exc)))
                 finished = True
             if finished:
                 done.append(slot)
+        if proposal is not None:
+            self._batch.keep(kept)
         self._batch.leave(done)
+
+    def _propose(self) -> Proposal | None:
+        """Tokens for the rows that look them up to propose this step, as many as pays (None: a plain step)."""
+        rows = self._batch.rows
+        if not any(row.lookup is not None for row in rows):
+            return None
+        candidates = [
+            [] if row.lookup is None else row.lookup.propose(0, min(row.most, row.limit - row.count - 1))
+            for row in rows
+        ]
+        self._planner.rows = [row.acceptance for row in rows]
+        self._planner.most = max(row.most for row in rows)
+        k = self._planner.plan([len(c) for c in candidates])
+        if k == 0:
+            return None
+        tokens = torch.zeros((len(rows), k), dtype=torch.long)
+        for slot, proposed in enumerate(candidates):
+            tokens[slot, : min(k, len(proposed))] = torch.tensor(proposed[:k], dtype=torch.long)
+        return Proposal(tokens, torch.tensor([min(k, len(c)) for c in candidates]))
+
+    def _check(
+        self, row: _Row, logits: torch.Tensor, normalizers: torch.Tensor, proposal: Proposal, slot: int
+    ) -> tuple[int, bool]:
+        """Check the tokens proposed for ``row`` against its (1, 1 + k, vocab) logits with its own sampling, and report
+        the ones it keeps and one of its own; (columns it keeps, whether it finished)."""
+        request = row.handle.request
+        mine = Proposal(proposal.tokens[slot : slot + 1], proposal.counts[slot : slot + 1])
+        tokens, accepted = check_proposal(logits, mine, row.seen, request.params.sampling, row.generator)
+        count = int(accepted[0]) + 1
+        row.acceptance.record(int(mine.counts[0]), count - 1)
+        check_finite(normalizers[:count], self.model)
+        for column, token in enumerate(tokens[0, :count].tolist()):
+            if self._report(row, token, logits[:, column], normalizers[column : column + 1]):
+                return count, True
+        return count, False
 
     def _choose(self, row: _Row, logits: torch.Tensor, normalizer: torch.Tensor | None = None) -> bool:
         """Pick ``row``'s next token from its (1, vocab) logits and report it; whether it finished the row.
@@ -344,6 +412,12 @@ class Engine:
             normalizer = _normalizers(scores, [wanted])
         check_finite(normalizer, self.model)
         token = int(choose_tokens(scores, row.seen, request.params.sampling, row.generator)[0])
+        return self._report(row, token, scores, normalizer)
+
+    def _report(self, row: _Row, token: int, scores: torch.Tensor, normalizer: torch.Tensor) -> bool:
+        """Report ``row``'s next ``token``, chosen from its (1, vocab) ``scores``; whether it finished the row."""
+        request = row.handle.request
+        wanted = request.logprobs is not None
         logprob, top = None, None
         if wanted:
             logprobs = scores[0] - normalizer[0]
@@ -351,6 +425,8 @@ class Engine:
         if request.params.sampling.repetition_penalty != 1.0:
             row.seen[0, token] = True
         row.count += 1
+        if row.lookup is not None:
+            row.lookup.extend(0, [token])
         reason, text = advance_stream(row.stream, token, row.eos, request.params.ignore_eos, row.limit - row.count)
         row.pending = token
         event = Token(token, text, logprob, top, reason)
@@ -378,7 +454,8 @@ class Engine:
 
 @dataclass
 class _Row:
-    """A running request's sampling state: its generator, seen tokens, text stream and the token it feeds next."""
+    """A running request's sampling state: its generator, seen tokens, text stream and the token it feeds next; with
+    prompt lookup of up to ``most`` tokens, its tokens so far and its recent acceptance."""
 
     handle: RequestHandle
     stream: TextStream
@@ -388,9 +465,12 @@ class _Row:
     limit: int
     count: int = 0
     pending: int = -1
+    most: int = 0
+    lookup: PromptLookup | None = None
+    acceptance: Acceptance = field(default_factory=Acceptance)
 
     @classmethod
-    def start(cls, handle: RequestHandle, model: PhiForCausalLM, tokenizer: PhiTokenizer) -> _Row:
+    def start(cls, handle: RequestHandle, model: PhiForCausalLM, tokenizer: PhiTokenizer, lookup: int = 0) -> _Row:
         request = handle.request
         params = request.params
         generator = torch.Generator(device="cpu")
@@ -409,6 +489,8 @@ class _Row:
             seen=seen,
             eos=end_of_text_ids(params, tokenizer, model),
             limit=request.new_token_limit,
+            most=params.lookup or lookup,
+            lookup=PromptLookup([request.prompt]) if params.lookup or lookup else None,
         )
 
 
@@ -422,6 +504,7 @@ class _RunningBatch:
         self.cache = KVCache.wrapping([], [], 0)
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=model.device)
         self.positions = torch.zeros(0, dtype=torch.long, device=model.device)
+        self.fed = 0  # columns the last step fed
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -438,23 +521,45 @@ class _RunningBatch:
         self.positions[slot] = size
         self.rows.append(row)
 
-    def step(self) -> torch.Tensor:
-        """Feed every row its pending token; the next-token logits, (rows, vocab)."""
+    def step(self, proposal: Proposal | None = None) -> torch.Tensor:
+        """Feed every row its pending token, and after it the tokens proposed for it; logits (rows, 1 + k, vocab)
+        (then :meth:`keep` says how many of the columns each row keeps)."""
         count, length = len(self.rows), self.cache.length
-        self._make_room(count, length + 1)
+        width = 1 if proposal is None else 1 + proposal.tokens.shape[1]
+        self._make_room(count, length + width)
         length = self.cache.length  # compaction may have moved it
-        self.mask[:count, length] = True
-        tokens = torch.tensor([[row.pending] for row in self.rows], device=self.model.device)
+        device = self.model.device
+        tokens = torch.tensor([[row.pending] for row in self.rows], device=device)
+        positions = self.positions[:count, None]
+        if proposal is None:
+            self.mask[:count, length] = True
+        else:
+            tokens = torch.cat((tokens, proposal.tokens.to(device)), dim=1)
+            valid = torch.arange(width) <= proposal.counts[:, None]
+            self.mask[:count, length : length + width] = valid.to(device)
+            positions = positions + torch.arange(width, device=device)
         logits = self.model(
             tokens,
-            attention_mask=self.mask[:count, : length + 1],
+            attention_mask=self.mask[:count, : length + width],
             cache=self.cache.first_rows(count),
-            positions=self.positions[:count, None],
-            last_only=True,
-        ).logits[:, -1]
-        self.cache.advance(1)
-        self.positions[:count] += 1
+            positions=positions,
+            last_only=proposal is None,
+        ).logits
+        self.cache.advance(width)
+        self.fed = width
+        if proposal is None:
+            self.positions[:count] += 1
         return logits
+
+    def keep(self, kept: list[int]) -> None:
+        """After a step over proposed tokens: row ``slot`` keeps the first ``kept[slot]`` columns fed to it, the rest
+        become holes its mask hides, and the cache ends after the last column a row kept."""
+        count, length = len(self.rows), self.cache.length
+        start = length - self.fed
+        for slot, columns in enumerate(kept):
+            self.mask[slot, start + columns : length] = False
+        self.positions[:count] += torch.tensor(kept, device=self.positions.device)
+        self.cache.truncate(start + max(kept))
 
     def leave(self, slots: list[int]) -> None:
         """Remove rows: the last live row moves into each freed slot."""
@@ -478,6 +583,8 @@ class _RunningBatch:
             unused = self._unused_leading_columns()
             self._shift(-unused)
             columns -= unused
+            if columns > have_columns:
+                columns -= self._compact()
         if rows > have_rows or columns > have_columns:
             new_rows = have_rows if rows <= have_rows else min(max(rows, 2 * have_rows), max(rows, self.max_rows))
             new_columns = have_columns if columns <= have_columns else max(columns, 2 * have_columns, 64)
@@ -503,6 +610,22 @@ class _RunningBatch:
             self.mask[:live, :by] = False
         else:
             self.mask[:live, count:length] = False
+
+    def _compact(self) -> int:
+        """Move each live row's columns together at the right end (holes that prompt lookup's rejected tokens left
+        become left padding); the columns freed."""
+        live, length = len(self.rows), self.cache.length
+        valid = self.mask[:live, :length]
+        counts = valid.sum(dim=1)
+        width = int(counts.max()) if live and length else 0
+        if width == length:
+            return 0
+        order = torch.argsort(valid.to(torch.uint8), dim=1, stable=True)  # each row's hidden columns first, in order
+        self.cache.first_rows(live).gather_columns(order[:, length - width :])
+        self.cache.length = width
+        self.mask[:live, :width] = torch.arange(width, device=valid.device) >= (width - counts)[:, None]
+        self.mask[:live, width:length] = False
+        return length - width
 
     def _unused_leading_columns(self) -> int:
         used = self.mask[: len(self.rows), : self.cache.length].any(dim=0)

@@ -290,7 +290,7 @@ def generate(
             tokens = choose_tokens(scores[:, 0].cpu(), batch.seen.cpu(), params.sampling, generator)[:, None]
             yielded = [1] * len(batch.rows)
         else:
-            tokens, kept = _verify(scores.cpu(), proposal, batch.seen.cpu(), params.sampling, generator)
+            tokens, kept = check_proposal(scores.cpu(), proposal, batch.seen.cpu(), params.sampling, generator)
             checked = torch.arange(tokens.shape[1], device=normalizer.device) <= kept[:, None].to(normalizer.device)
             check_finite(normalizer[checked], model)
             batch.keep_checked(kept + 1, proposal, track_seen)
@@ -332,7 +332,7 @@ def generate(
     timing.decode_s = time.perf_counter() - decode_started
 
 
-def _verify(
+def check_proposal(
     scores: torch.Tensor, proposal: Proposal, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check a proposal against the logits (rows, 1 + k, vocab) of the pass that read it: (tokens (rows, 1 + k), kept

@@ -280,7 +280,7 @@ class DraftRunner:
             drafted.append(chosen)
             distributions.append(distribution)
             if seen is not None:
-                seen[torch.arange(len(chosen), device=seen.device), chosen] = True
+                seen[torch.arange(len(chosen), device=seen.device), chosen.to(seen.device)] = True
             if step + 1 < k:
                 logits = self.rows.feed(self.model, chosen[:, None].to(device), last_only=True)[:, -1]
         self.drafted = torch.stack(drafted, dim=1)
@@ -419,18 +419,37 @@ def expected_tokens(rate: float, k: int) -> float:
     return (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
+@dataclass
+class Acceptance:
+    """One row's recent acceptance: tokens accepted against the rejections that ended proposals, both decaying (recent
+    proposals weigh most), from a prior of one each."""
+
+    DECAY = 0.85  # per proposal
+
+    hits: float = 1.0
+    misses: float = 1.0
+
+    @property
+    def rate(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """``proposed`` tokens were checked and ``accepted`` of them kept (0 proposed: nothing to learn)."""
+        if proposed:
+            self.hits = self.hits * self.DECAY + accepted
+            self.misses = self.misses * self.DECAY + (1.0 if accepted < proposed else 0.0)
+
+
 class Planner:
     """How many tokens to propose this step: the number that maximizes the batch's expected tokens per second.
 
-    Per row, acceptance is estimated from its recent proposals (accepted tokens against the rejections that ended
-    them, both decaying, from a prior of one each); a step proposing ``k`` costs a pass of ``k + 1`` tokens per row
-    (and ``k`` draft passes) against a plain step's one. When no ``k`` beats plain decoding by ``MARGIN`` it proposes
-    nothing, and after ``backoff`` such steps it probes with ``PROBE`` tokens, waiting twice as long after each probe
-    that does not bring proposing back (up to ``MOST_BACKOFF`` steps), so a stretch that stops copying costs little
-    and one that starts again is found.
+    Each row's :class:`Acceptance` (``rows``) says how likely its next proposed token is to be accepted; a step
+    proposing ``k`` costs a pass of ``k + 1`` tokens per row (and ``k`` draft passes) against a plain step's one.
+    When no ``k`` beats plain decoding by ``MARGIN`` it proposes nothing, and after ``backoff`` such steps it probes
+    with ``PROBE`` tokens, waiting twice as long after each probe that does not bring proposing back (up to
+    ``MOST_BACKOFF`` steps), so a stretch that stops copying costs little and one that starts again is found.
     """
 
-    DECAY = 0.85  # per proposal, on the counts (recent proposals weigh most)
     MARGIN = 0.03
     PROBE = 2
     FIRST_BACKOFF = 8
@@ -438,12 +457,11 @@ class Planner:
 
     def __init__(self, rows: int, most: int, costs: StepCosts, uses_draft: bool) -> None:
         self.most, self.costs, self.uses_draft = most, costs, uses_draft
-        self.hits = [1.0] * rows
-        self.misses = [1.0] * rows
+        self.rows = [Acceptance() for _ in range(rows)]
         self.backoff, self.idle = self.FIRST_BACKOFF, 0
 
     def rate(self, slot: int) -> float:
-        return self.hits[slot] / (self.hits[slot] + self.misses[slot])
+        return self.rows[slot].rate
 
     def plan(self, available: list[int]) -> int:
         """``available[slot]``: how many tokens row ``slot`` could propose; the common cap on proposals (0: none)."""
@@ -471,13 +489,10 @@ class Planner:
 
     def record(self, slot: int, proposed: int, accepted: int) -> None:
         """Row ``slot`` had ``proposed`` tokens checked and ``accepted`` of them kept."""
-        if proposed:
-            self.hits[slot] = self.hits[slot] * self.DECAY + accepted
-            self.misses[slot] = self.misses[slot] * self.DECAY + (1.0 if accepted < proposed else 0.0)
+        self.rows[slot].record(proposed, accepted)
 
     def keep_rows(self, slots: list[int]) -> None:
-        self.hits = [self.hits[s] for s in slots]
-        self.misses = [self.misses[s] for s in slots]
+        self.rows = [self.rows[s] for s in slots]
 
 
 def stored_bytes(model: torch.nn.Module) -> int:

@@ -314,6 +314,53 @@ def test_compacting_moves_each_rows_columns_together(random_models):
         assert torch.equal(rows.cache.keys[0][r][:, :6][:, rows.mask[r, :6]], before[r])
 
 
+# The serving engine (phi serve) -------------------------------------------------------------------------------------
+def test_engine_prompt_lookup_gives_the_same_greedy_tokens_with_rows_joining(embedded, always_propose, monkeypatch):
+    from phi_core.engine import Engine, EngineRequest, Token
+
+    model, tokenizer, encoded, drafts = embedded
+    monkeypatch.setattr("phi_core.engine._RunningBatch._compact", _counting(compactions := []))
+    endings = [ENDINGS["length"], ENDINGS["stop and eos"], ENDINGS["repetition penalty"], ENDINGS["own limits"]]
+    requests = [EngineRequest(encoded[i], GenerationParams(**endings[i % 4])) for i in range(8)]
+    expected = [run(model, tokenizer, [r.prompt], r.params)[0][0] for r in requests]
+    with Engine(model, tokenizer, max_batch=3, max_queue=8, lookup=6) as engine:
+        got: dict[int, list] = {i: [] for i in range(len(requests))}
+        for index, event in engine.run(requests, timeout=120):
+            assert isinstance(event, Token)
+            got[index].append((event.token_id, event.text, event.finish_reason, event.logprob))
+    for index in range(len(requests)):
+        assert [e[:3] for e in got[index]] == [e[:3] for e in expected[index]]
+    assert compactions  # rows kept different counts until the cache was full
+    with pytest.raises(ValueError, match="draft"), Engine(model, tokenizer) as engine:
+        engine.submit([EngineRequest(encoded[0], GenerationParams(draft=drafts["int8"]))])
+
+
+def _counting(calls: list) -> object:
+    from phi_core.engine import _RunningBatch
+
+    original = _RunningBatch._compact
+
+    def compact(self) -> int:
+        freed = original(self)
+        calls.append(freed)
+        return freed
+
+    return compact
+
+
+def test_engine_sampling_with_lookup_keeps_each_rows_seed(embedded, always_propose):
+    from phi_core.engine import Engine, EngineRequest, Token
+
+    model, tokenizer, encoded, _ = embedded
+    params = GenerationParams(max_new_tokens=24, sampling=SamplingParams(temperature=0.8, seed=11), lookup=4)
+    with Engine(model, tokenizer, max_batch=2) as engine:
+        first = [e.token_id for _, e in engine.run([EngineRequest(encoded[0], params)]) if isinstance(e, Token)]
+        both = {0: [], 1: []}
+        for index, event in engine.run([EngineRequest(encoded[0], params), EngineRequest(encoded[2], params)]):
+            both[index].append(event.token_id)
+    assert len(first) == 24 and both[0] == first  # a row's draws depend on its own seed alone
+
+
 # The parts ----------------------------------------------------------------------------------------------------------
 def test_prompt_lookup_follows_the_latest_longest_match():
     lookup = PromptLookup([[1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 2, 3]])
