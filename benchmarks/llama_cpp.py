@@ -11,7 +11,7 @@ installed). A random phi-1.5-shape checkpoint is written in float32 (``benchmark
 own tools: ``convert_hf_to_gguf.py --outtype f32 / f16 / q8_0`` (run with llama.cpp's ``gguf-py`` on the path)
 and ``llama-quantize ... q4_0``. Each round then runs, for each weight size in turn, llama.cpp's ``llama-bench``
 (one repetition, ``-t`` = torch's thread count) and phi_core (``phi_core.load_model`` of the same checkpoint at
-the matching ``--dtype``) on the same tests:
+the matching ``--dtype``, one model at a time) on the same tests, each test of phi_core right before llama.cpp's:
 
 - decode: ``tg N`` in llama-bench (N new tokens from an empty context) against phi_core generating N tokens after
   a one-token prompt (tokens/s over the N - 1 decode steps);
@@ -26,6 +26,7 @@ the median of the per-round ratios (phi_core over llama.cpp).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -134,14 +135,18 @@ def main() -> None:
     threads = torch.get_num_threads()
     dtypes = args.dtype or list(PAIRS)
     tests = [("decode", n) for n in args.decode or [64]] + [("prefill", n) for n in args.prefill or [512, 2048]]
-    models = {dtype: phi_core.load_model(checkpoint, dtype=dtype) for dtype in dtypes}
-    for model in models.values():
-        phi_run(model, "decode", 4)  # warm-up
     measured: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    kernel_text = {}
+    loads: dict[tuple[str, str, int], list[float]] = {}  # the machine's 1-minute load average before each pair
     for round_index in range(args.rounds):
-        for test, size in tests:
-            for dtype in dtypes:
-                ours = phi_run(models[dtype], test, size)
+        for dtype in dtypes:
+            # One phi_core model at a time (all five would need 14 GB), loaded again each round.
+            model = phi_core.load_model(checkpoint, dtype=dtype)
+            kernel_text[dtype] = model.precision.kernel_text()
+            phi_run(model, "decode", 4)  # warm-up
+            for test, size in tests:
+                loads.setdefault((dtype, test, size), []).append(round(os.getloadavg()[0], 2))
+                ours = phi_run(model, test, size)
                 theirs = llama_bench(args.llama_dir, ggufs[PAIRS[dtype]], test, size, threads)
                 measured.setdefault((dtype, test, size), []).append((ours, theirs))
                 print(
@@ -149,6 +154,8 @@ def main() -> None:
                     f"llama.cpp {PAIRS[dtype]} {theirs:.2f} ({ours / theirs:.2f}x)",
                     flush=True,
                 )
+            del model
+            gc.collect()
     rows = []
     for (dtype, test, size), pairs in measured.items():
         rows.append(
@@ -160,7 +167,8 @@ def main() -> None:
                 "llama_cpp_tokens_per_s": round(statistics.median(p[1] for p in pairs), 2),
                 "ratio": round(statistics.median(p[0] / p[1] for p in pairs), 3),
                 "rounds": [[round(a, 2), round(b, 2)] for a, b in pairs],
-                "kernel": models[dtype].precision.kernel_text(),
+                "load_average": loads[dtype, test, size],
+                "kernel": kernel_text[dtype],
             }
         )
     report = {
