@@ -139,15 +139,16 @@ def generate_command(
     run = RayRun(
         ray, ray_address, replicas, cpus_per_replica, gpus_per_replica, output, output_format, on_error, id_field, force
     )
+    if lookup and draft is not None:
+        raise UsageProblem("--lookup and --draft: choose one way to propose tokens")
     if run.requested:
-        job = GenerateJob(overrides, prompt_format, tuple(stop or ()), ignore_eos, truncate)
-        given = (("PROMPT", prompt), ("--echo", echo), ("--stats", stats), ("--lookup", lookup), ("--draft", draft))
+        stop_strings = tuple(stop or ())
+        job = GenerateJob(overrides, prompt_format, stop_strings, ignore_eos, truncate, lookup, draft, draft_tokens)
+        given = (("PROMPT", prompt), ("--echo", echo), ("--stats", stats))
         local_only = [name for name, value in given if value]
         model_spec = ModelSpec(model, revision, dtype, attn, device)
         return run_on_ray(job, input_file, model_spec, run, batch_size, quiet, local_only)
     run.check_local()
-    if lookup and draft is not None:
-        raise UsageProblem("--lookup and --draft: choose one way to propose tokens")
     records = _records(prompt, input_file, quiet)
     lm, tokenizer = load_for_task("causal-lm", model, revision, dtype, attn, device, quiet)
     drafter = load_draft_model(draft, draft_tokens, model, revision, dtype, attn, device, tokenizer, quiet)

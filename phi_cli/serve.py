@@ -11,6 +11,7 @@ from phi_cli.options import (
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
+    LookupOpt,
     ModelOpt,
     RevisionOpt,
     model_choice,
@@ -66,6 +67,7 @@ def serve_command(
         typer.Option(min=0.0, help="Seconds SIGINT/SIGTERM waits for running requests.", rich_help_panel=SERVER),
     ] = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log lines on stderr.")] = False,
+    lookup: LookupOpt = 0,
     chat_format: FormatOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = None,
@@ -77,6 +79,8 @@ def serve_command(
     phi serve
 
     phi serve --model microsoft/phi-2 --port 8080 --api-key secret
+
+    phi serve --lookup 8    (prompt lookup for requests that do not send their own "lookup")
 
     curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 32}'
     """
@@ -101,5 +105,6 @@ def serve_command(
         name=served_model_name,
         threads=threads,
         chat_format=chat_format,
+        lookup=lookup,
     )
     serve(settings)

@@ -61,6 +61,7 @@ class ChatCompletionRequest(Strict):
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    lookup: int | None = Field(None, ge=0)  # phi's own, as in /v1/completions
 
     def as_completion(self, prompt_format: PromptFormat, special: Mapping[str, str]) -> CompletionRequest:
         """The completion that answers this conversation: its rendered text, cued for the assistant's turn, stopping
@@ -91,6 +92,7 @@ class ChatCompletionRequest(Strict):
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos,
+            lookup=self.lookup,
         )
 
 

@@ -48,6 +48,7 @@ from phi_core.records import (
     tag_record,
 )
 from phi_core.saving import atomic_folder, checked_output
+from phi_core.speculative import DEFAULT_DRAFT_TOKENS, load_draft
 from phi_core.tagging import Aggregation, tag
 from phi_core.tasks import TASKS
 
@@ -86,13 +87,18 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GenerateJob:
-    """`phi generate` settings."""
+    """`phi generate` settings. Speculative decoding by prompt ``lookup`` of up to that many tokens, or with a
+    ``draft`` model (``int8``, ``int4`` or a checkpoint every node sees) proposing up to ``draft_tokens``, which
+    each replica loads once, beside its model."""
 
     overrides: GenerationOverrides = field(default_factory=GenerationOverrides)
     prompt_format: str | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     truncate: bool = False
+    lookup: int = 0
+    draft: str | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     task = "causal-lm"
     input_field = "prompt"
 
@@ -452,10 +458,11 @@ class Replica:
         source = TASKS[job.task].embedded_default if model.source is None else model.source
         device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = model.dtype or ("auto" if torch.device(device).type == "cpu" else "float16")
+        resolved = ModelSpec(source, model.revision, dtype, model.attn, device)
         self.model = load_model(source, job.task, dtype, model.attn, device, model.revision)
         self.tokenizer = load_tokenizer(source, model.revision)
         check_tokenizer_fits(self.model.config, self.tokenizer)
-        self.runner = _runner(job, self.model, self.tokenizer, source, model.revision)
+        self.runner = _runner(job, self.model, self.tokenizer, resolved)
         self.calls = 0
 
     def __call__(self, batch: dict[str, Any]) -> Any:
@@ -511,9 +518,19 @@ def _scalar(value: Any) -> Any:
 
 
 class _GenerateRunner:
-    def __init__(self, job: GenerateJob, model: Any, tokenizer: Any, source: str, revision: str | None) -> None:
-        folder = resolve_source(source, revision, weights=False)
-        self.setup = completion_setup(folder, job.overrides, job.prompt_format, job.stop, job.ignore_eos)
+    def __init__(self, job: GenerateJob, model: Any, tokenizer: Any, spec: ModelSpec) -> None:
+        """``spec``: the model's options as this replica resolved them, which a draft is loaded with too (as
+        ``phi generate --draft`` loads it)."""
+        assert spec.source is not None and spec.dtype is not None and spec.device is not None
+        folder = resolve_source(spec.source, spec.revision, weights=False)
+        draft = None
+        if job.draft is not None:
+            draft = load_draft(
+                job.draft, spec.source, tokenizer, job.draft_tokens, spec.dtype, spec.attn, spec.device, spec.revision
+            )
+        self.setup = completion_setup(
+            folder, job.overrides, job.prompt_format, job.stop, job.ignore_eos, job.lookup, draft
+        )
         self.job, self.model, self.tokenizer = job, model, tokenizer
 
     def problem(self, prompt: str) -> str | None:
@@ -566,9 +583,9 @@ class _TextRunner:
         return [tag_record(records[r.index], r) for r in results]
 
 
-def _runner(job: Job, model: Any, tokenizer: Any, source: str, revision: str | None) -> Any:
+def _runner(job: Job, model: Any, tokenizer: Any, spec: ModelSpec) -> Any:
     if isinstance(job, GenerateJob):
-        return _GenerateRunner(job, model, tokenizer, source, revision)
+        return _GenerateRunner(job, model, tokenizer, spec)
     return _TextRunner(job, model, tokenizer)
 
 

@@ -159,6 +159,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.lookup = lookup  # prompt lookup for requests that do not ask for their own
+        # Prompt lookup's tokens since the start, over every request: proposed and checked, and those kept (what
+        # phi serve's /metrics reports; written by the model thread only).
+        self.proposed_tokens, self.accepted_tokens = 0, 0
         self._planner = Planner(0, 1, StepCosts(), uses_draft=False)
         self._clock = Clock(model.device)
         self.context = model.config.max_position_embeddings
@@ -394,13 +397,17 @@ class Engine:
         request = row.handle.request
         mine = Proposal(proposal.tokens[slot : slot + 1], proposal.counts[slot : slot + 1])
         tokens, accepted = check_proposal(logits, mine, row.seen, request.params.sampling, row.generator)
-        count = int(accepted[0]) + 1
-        row.acceptance.record(int(mine.counts[0]), count - 1)
+        count, proposed = int(accepted[0]) + 1, int(mine.counts[0])
+        row.acceptance.record(proposed, count - 1)
         check_finite(normalizers[:count], self.model)
+        finished, reported = False, 0
         for column, token in enumerate(tokens[0, :count].tolist()):
-            if self._report(row, token, logits[:, column], normalizers[column : column + 1]):
-                return count, True
-        return count, False
+            reported += 1
+            if finished := self._report(row, token, logits[:, column], normalizers[column : column + 1]):
+                break
+        self.proposed_tokens += proposed
+        self.accepted_tokens += min(reported, count - 1)  # a row that finishes mid-proposal reports fewer
+        return count, finished
 
     def _choose(self, row: _Row, logits: torch.Tensor, normalizer: torch.Tensor | None = None) -> bool:
         """Pick ``row``'s next token from its (1, vocab) logits and report it; whether it finished the row.

@@ -59,6 +59,14 @@ class Gauge(Metric):
         return [*self.header(), f"{self.name} {_number(self.read())}"]
 
 
+class ReadCounter(Gauge):
+    """A count kept elsewhere (by the engine), read when scraped: a counter, since it only grows."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        super().__init__(name, help_text, read)
+        self.kind = "counter"
+
+
 class Histogram(Metric):
     def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
         super().__init__(name, help_text, "histogram")
@@ -97,9 +105,16 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.
 
 
 class ServerMetrics:
-    """What ``phi serve`` reports at ``/metrics``; the queue depth and batch size are read from the engine."""
+    """What ``phi serve`` reports at ``/metrics``; the queue depth, batch size and prompt lookup's token counts are
+    read from the engine."""
 
-    def __init__(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        waiting: Callable[[], float],
+        running: Callable[[], float],
+        proposed: Callable[[], float],
+        accepted: Callable[[], float],
+    ) -> None:
         self.registry = Registry()
         add = self.registry.add
         self.requests = add(Counter("phi_requests_total", "HTTP requests by endpoint and status.", ("path", "status")))
@@ -107,6 +122,16 @@ class ServerMetrics:
         self.generation_tokens = add(Counter("phi_generation_tokens_total", "Tokens generated."))
         add(Gauge("phi_queue_depth", "Requests waiting for a row of the batch.", waiting))
         add(Gauge("phi_batch_size", "Requests being decoded together.", running))
+        add(
+            ReadCounter(
+                "phi_speculative_proposed_tokens_total", "Tokens prompt lookup proposed and a pass checked.", proposed
+            )
+        )
+        add(
+            ReadCounter(
+                "phi_speculative_accepted_tokens_total", "Proposed tokens kept (each saves a decode step).", accepted
+            )
+        )
         self.time_to_first_token = add(
             Histogram(
                 "phi_time_to_first_token_seconds", "From a request's arrival to its first token.", LATENCY_BUCKETS

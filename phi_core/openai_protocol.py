@@ -73,6 +73,9 @@ class CompletionRequest(Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False
+    # phi's own: prompt lookup of up to this many tokens a step (0: off; omitted: phi serve --lookup). Greedy output
+    # is unchanged, so it is a speed setting a client may choose per request (say, for an edit of a given text).
+    lookup: int | None = Field(None, ge=0)
 
     def check_no_ops(self) -> None:
         """Refuse the OpenAI settings phi accepts only at their no-op values, naming them."""

@@ -101,16 +101,24 @@ class ServeSettings:
     name: str | None = None
     threads: int | None = None  # torch's CPU threads (None: torch's default, one per core)
     chat_format: str | None = None  # /v1/chat/completions: a built-in format or a .jinja file (None: the model's own)
+    lookup: int = 0  # prompt lookup of up to this many tokens for requests that omit their own (0: off)
 
 
 class ModelService:
-    """The served model: its name, and once loaded, its engine, tokenizer and generation defaults."""
+    """The served model: its name, and once loaded, its engine, tokenizer and generation defaults. ``lookup``: the
+    prompt lookup of requests that do not ask for their own."""
 
     def __init__(
-        self, name: str, max_batch: int = 8, max_queue: int = 64, max_tokens_default: int | None = None
+        self,
+        name: str,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_tokens_default: int | None = None,
+        lookup: int = 0,
     ) -> None:
         self.name, self.created = name, int(time.time())
         self.max_batch, self.max_queue, self.max_tokens_default = max_batch, max_queue, max_tokens_default
+        self.lookup = lookup
         self.engine: Engine | None = None
         self.tokenizer: PhiTokenizer | None = None
         self.defaults = GenerationDefaults()
@@ -121,11 +129,15 @@ class ModelService:
         self.metrics = ServerMetrics(
             waiting=lambda: self.engine.waiting if self.engine else 0,
             running=lambda: self.engine.running if self.engine else 0,
+            proposed=lambda: self.engine.proposed_tokens if self.engine else 0,
+            accepted=lambda: self.engine.accepted_tokens if self.engine else 0,
         )
 
     def attach(self, model: PhiForCausalLM, tokenizer: PhiTokenizer, defaults: GenerationDefaults) -> None:
         """Start serving ``model`` (loaded elsewhere): from now on /health answers 200."""
         self.defaults, self.tokenizer = defaults, tokenizer
+        # The engine's own lookup stays 0: each request carries its lookup, the default resolved here (_generation),
+        # so that a request's "lookup": 0 turns off a server-wide --lookup.
         self.engine = Engine(model, tokenizer, self.max_batch, self.max_queue)
 
     def ready(self) -> tuple[Engine, PhiTokenizer]:
@@ -159,7 +171,11 @@ def serve(settings: ServeSettings, load: Loader | None = None) -> None:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     service = ModelService(
-        settings.name or settings.source, settings.max_batch, settings.max_queue, settings.max_tokens_default
+        settings.name or settings.source,
+        settings.max_batch,
+        settings.max_queue,
+        settings.max_tokens_default,
+        settings.lookup,
     )
     sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(
@@ -557,7 +573,8 @@ def _generation(
     body: CompletionRequest, service: ModelService, prompt_tokens: int, context: int
 ) -> tuple[GenerationParams, bool]:
     """The request's settings over the checkpoint's defaults (resolved as ``phi generate`` resolves its flags), and
-    whether it only scores the prompt. An omitted max_tokens shrinks to fit the context; a given one must fit."""
+    whether it only scores the prompt. An omitted max_tokens shrinks to fit the context; a given one must fit. An
+    omitted lookup is the server's ``--lookup``."""
     max_tokens = body.max_tokens if body.max_tokens is not None else service.max_tokens_default
     overrides = GenerationOverrides(
         temperature=body.temperature,
@@ -571,6 +588,7 @@ def _generation(
         params = resolve_generation(overrides, service.defaults, body.stop_strings, body.ignore_eos).params
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
+    params = dataclasses.replace(params, lookup=service.lookup if body.lookup is None else body.lookup)
     if max_tokens == 0:
         if prompt_tokens > context:
             raise APIError(400, _too_long(prompt_tokens, 0, context), "prompt")

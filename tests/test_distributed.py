@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from phi_cli.main import app
@@ -22,11 +23,14 @@ from phi_core.distributed import (
     DIE_FILE_VARIABLE,
     ClassifyJob,
     Cluster,
+    GenerateJob,
     JobFailed,
     ModelSpec,
+    Replica,
     list_inputs,
     run_job,
 )
+from phi_core.generation_config import GenerationOverrides
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -76,9 +80,9 @@ def local(args: list[str]) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def on_ray(args: list[str]) -> str:
+def on_ray(args: list[str], replicas: int = 2) -> str:
     """Run a command with --ray on the module's Ray instance (the connection this process holds); its stderr."""
-    result = CliRunner().invoke(app, [*args, "--ray", "--replicas", "2"])
+    result = CliRunner().invoke(app, [*args, "--ray", "--replicas", str(replicas)])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     return result.stderr
@@ -104,8 +108,8 @@ def by_row(records: list[dict], path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("_row", "_file")} for r in rows]
 
 
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+def without_timing(records: list[dict], also: tuple[str, ...] = ()) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING + also} for r in records]
 
 
 def test_classify_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
@@ -150,6 +154,60 @@ def test_generate_on_ray_samples_what_the_local_mode_samples(die_file, tmp_path)
     records = by_row(published(tmp_path / "out"), source)
     assert without_timing(records) == without_timing(expected)
     assert records[0]["generation"]["do_sample"] == {"value": True, "from": "checkpoint"}
+
+
+SPECULATION = ("speculation",)  # what a run proposed and accepted: its planner decides by measured pass times
+
+
+def copying(count: int, seed: int = 0) -> list[dict]:
+    """Prompts that start a function again, which greedy decoding continues by copying: prompt lookup proposes."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        name, (a, b) = rng.choice(WORDS), rng.sample(WORDS, 2)
+        rows.append({"prompt": f"def {name}({a}, {b}):\n    return {a} + {b}\n\n\ndef {name}(", "id": i})
+    return rows
+
+
+def test_generate_on_ray_with_prompt_lookup_writes_plain_greedy_output(die_file, tmp_path):
+    source = write_jsonl(tmp_path / "prompts.jsonl", copying(16, seed=8))
+    args = ["--greedy", "--repetition-penalty", "1", "--max-new-tokens", "12", "--batch-size", "4"]
+    expected = local(["generate", "--input", str(source), *args])
+    out = str(tmp_path / "out")
+    on_ray(["generate", "--input", str(source), *args, "--lookup", "4", "--output", out], replicas=1)  # one item
+    records = by_row(published(tmp_path / "out"), source)
+    assert without_timing(records, SPECULATION) == without_timing(expected)
+    assert {r["speculation"]["method"] for r in records} == {"prompt lookup, up to 4 tokens"}
+    assert sum(r["speculation"]["accepted"] for r in records) > 0 and "speculation" not in expected[0]
+
+
+def test_a_replica_with_a_draft_writes_plain_greedy_output(tmp_path, monkeypatch):
+    """--draft with --ray: each replica (here one, in this process: the actor's code without the actor) loads the
+    draft beside its model and generates what the local mode prints without one."""
+    import numpy
+
+    from phi_core.speculative import Planner
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", copying(3, seed=9))
+    args = ["--greedy", "--max-new-tokens", "8", "--batch-size", "2"]
+    expected = local(["generate", "--input", str(source), *args])
+    overrides = GenerationOverrides(do_sample=False, max_new_tokens=8)
+    job = GenerateJob(overrides, draft="int8", draft_tokens=3)
+    phi_log = logging.getLogger("phi_core")
+    level, threads = phi_log.level, torch.get_num_threads()
+    try:
+        replica = Replica(job, ModelSpec(), batch_size=2, threads=threads, id_field=None)
+    finally:  # a replica quiets phi_core's notices for its worker's log
+        phi_log.setLevel(level)
+    item = {"path": str(source), "format": "jsonl", "first_row": 0, "count": 3}
+    item |= {"start": 0, "end": source.stat().st_size, "first_line": 1}
+    # the draft proposes at every step (the planner would find that an int8 copy of this tiny model never pays)
+    monkeypatch.setattr(Planner, "plan", lambda self, available: min(self.most, max(available, default=0)))
+    table = replica({key: numpy.array([value]) for key, value in item.items()})
+    records = [json.loads(line) for line in table.column("record").to_pylist()]
+    assert without_timing(by_row(records, source), SPECULATION) == without_timing(expected)
+    assert records[0]["speculation"]["method"] == "draft int8 copy, up to 3 tokens"
+    assert all(r["speculation"]["proposed"] > 0 for r in records)
 
 
 def test_tag_on_ray_writes_what_the_local_mode_prints(die_file, tmp_path):
@@ -289,6 +347,10 @@ def test_replicas_that_a_new_local_instance_cannot_fit_are_an_error(tmp_path):
     [
         (["classify", "x", "--ray", "--output", "o"], "TEXTS: not with --ray"),
         (["generate", "--input", "p.jsonl", "--ray", "--echo", "--output", "o"], "--echo: not with --ray"),
+        (
+            ["generate", "--input", "p.jsonl", "--ray", "--lookup", "2", "--draft", "int8", "--output", "o"],
+            "choose one",
+        ),
         (["tag", "--input", "-", "--ray", "--output", "o"], "not stdin"),
         (["tag", "--input", "t.jsonl", "--ray"], "give --output DIR"),
         (["classify", "--input", "t.jsonl", "--output", "o", "--on-error", "skip"], "--output, --on-error: only for"),

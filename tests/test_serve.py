@@ -213,6 +213,26 @@ def test_greedy_tokens_identical_when_joining_a_running_batch(server, tiny):
     assert results["sampled"].text == again.text
 
 
+COPYING = "def area(width, height):\n    return width * height\n\n\ndef area("  # greedy output copies the prompt
+
+
+def test_a_requests_prompt_lookup_keeps_the_greedy_tokens_and_is_counted(server, tiny):
+    """The server runs without --lookup; a request's own `lookup` turns it on for that request: the same tokens,
+    plain and streamed, and /metrics counts the tokens proposed and kept."""
+    before = [metric(server, f"phi_speculative_{kind}_tokens_total") for kind in ("proposed", "accepted")]
+    expected = phi_generate(tiny, COPYING, 48)
+    looked_up = {"extra_body": {**GREEDY["extra_body"], "lookup": 8}}
+    result = server.client().completions.create(model="tiny", prompt=COPYING, max_tokens=48, **GREEDY | looked_up)
+    assert token_ids(result.choices[0]) == expected.tokens and result.choices[0].text == expected.completion
+    plain = {"extra_body": {**PLAIN["extra_body"], "lookup": 8}}
+    stream = server.client().completions.create(
+        model="tiny", prompt=COPYING, max_tokens=48, stream=True, **PLAIN | plain
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected.completion
+    proposed, accepted = (metric(server, f"phi_speculative_{kind}_tokens_total") for kind in ("proposed", "accepted"))
+    assert proposed > before[0] and accepted > before[1] and accepted - before[1] <= proposed - before[0]
+
+
 def test_n_choices_and_seed(server):
     client = server.client()
     request = {"model": "tiny", "prompt": "def main():", "max_tokens": 16, "temperature": 1.0, "seed": 7}
@@ -314,6 +334,9 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(server, tiny):
         ({"model": "tiny", "prompt": [1] * 1100, "max_tokens": 1}, "prompt"),
         ({"model": "tiny", "prompt": [1] * 1000, "max_tokens": 100}, "max_tokens"),
         ({"prompt": "x"}, "model"),
+        ({"model": "tiny", "prompt": "x", "lookup": -1}, "lookup"),
+        ({"model": "tiny", "prompt": "x", "lookup": "4"}, "lookup"),
+        ({"model": "tiny", "prompt": "x", "lookup": 2.5}, "lookup"),
     ],
 )
 def test_invalid_requests_are_400_naming_the_parameter(server, body, param):

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions on `phi serve`, driven by the official openai client: the messages are rendered by the
 renderer of `phi chat` (the embedded model has no template of its own, so the built-in `chat` format), and greedy
-answers equal plain generation on the rendered conversation, plain and streamed."""
+answers equal plain generation on the rendered conversation, plain and streamed. The server runs with `--lookup`,
+so every answer here is decoded with prompt lookup, and must still equal plain generation's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_serve import API_KEY, call, start_server, stop_server  # noqa: E402
+from test_serve import API_KEY, call, metric, start_server, stop_server  # noqa: E402
 
 import phi_core  # noqa: E402
 from phi_core.completion import Completion, complete  # noqa: E402
@@ -29,7 +30,7 @@ GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"repetition_penalty
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = start_server(tmp_path_factory.mktemp("serve-chat"), env={"PHI_API_KEY": API_KEY})
+    running = start_server(tmp_path_factory.mktemp("serve-chat"), "--lookup", "8", env={"PHI_API_KEY": API_KEY})
     yield running
     stop_server(running)
 
@@ -63,6 +64,18 @@ def test_streamed_chat_deltas_add_up_to_the_same_answer(server, expected):
     assert chunks[-1].choices[0].finish_reason is not None
 
 
+def test_the_servers_lookup_applies_unless_a_request_turns_it_off(server, expected):
+    def proposed() -> float:
+        return metric(server, "phi_speculative_proposed_tokens_total")
+
+    before = proposed()
+    off = {**GREEDY, "extra_body": {**GREEDY["extra_body"], "lookup": 0}}
+    answer = server.client().chat.completions.create(model="tiny", messages=MESSAGES, **off)
+    assert answer.choices[0].message.content == expected.completion and proposed() == before
+    answer = server.client().chat.completions.create(model="tiny", messages=MESSAGES, **GREEDY)  # --lookup 8
+    assert answer.choices[0].message.content == expected.completion and proposed() > before
+
+
 def test_n_choices_logprobs_and_the_format_in_models(server):
     answer = server.client().chat.completions.create(
         model="tiny", messages=MESSAGES[1:2], n=2, seed=5, max_completion_tokens=6, logprobs=True, top_logprobs=2
@@ -86,6 +99,7 @@ def test_n_choices_logprobs_and_the_format_in_models(server):
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "messages"),
         ({"model": "tiny", "messages": MESSAGES, "top_logprobs": 99}, "top_logprobs"),
+        ({"model": "tiny", "messages": MESSAGES, "lookup": -2}, "lookup"),
     ],
 )
 def test_invalid_chat_requests_are_400_naming_the_parameter(server, body, param):
