@@ -101,7 +101,8 @@ class PhiLinear(DirectCall, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = self.kernels
-        if kernels is not None and x.numel() <= self.few_rows * self.in_features:
+        # is_cpu: a dense model moved to a GPU after loading must not hand GPU memory to the compiled products.
+        if kernels is not None and x.numel() <= self.few_rows * self.in_features and x.is_cpu:
             return kernels.linear(
                 KERNEL_KINDS[self.weight_format],
                 x,
@@ -213,6 +214,8 @@ class PhiLinear(DirectCall, nn.Linear):
         weights = weights or weight_format.removeprefix("tiles-")
         if weight_format == "dense" and (self.weight.dtype != torch.float32 or self.weight.numel() <= SMALL_MATRIX):
             return  # small float32 matrices: torch's products measure faster at such sizes
+        if weight_format == "dense" and self.weight.device.type != "cpu":
+            return  # the compiled products read CPU memory (a GPU pointer made them crash on a lent GPU machine)
         choice = compiled.choose(weights)
         if choice.storage == weight_format and choice.few.startswith("phi"):
             self.kernels = compiled.library(compiled.cpu_info().level)

@@ -72,6 +72,11 @@ def load_draft(
     """``int8`` or ``int4``: a quantized copy of the target's own checkpoint; anything else: a checkpoint (folder, Hub
     id, embedded name) with the target's tokenizer, loaded in ``dtype``."""
     if spec in ("int8", "int4"):
+        if torch.device(device).type != "cpu":
+            raise PhiError(
+                f"--draft {spec} is a quantized copy for the CPU; on {device} draft with a smaller checkpoint of the "
+                "same tokenizer (such as phi-1.5 for phi-2)"
+            )
         model = load_model(target_source, dtype=spec, attn=attn, device=device, revision=revision)
         return Draft(model, tokens, f"{spec} copy")  # type: ignore[arg-type]
     tokenizer = load_tokenizer(spec)

@@ -300,3 +300,18 @@ def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):
             got = layer(x)
             assert got.shape == (*shape[:-1], 40)
             assert (got.reshape(-1, 40).double() - expected).abs().max() <= 1e-4 * (expected.abs().max() + 1)
+
+
+@needs_kernels
+def test_dense_weights_off_the_cpu_never_reach_the_compiled_products(monkeypatch):
+    """The compiled products read CPU memory: a GPU model's layers (meta here, as no GPU is at hand) take torch's,
+    and so does a CPU-packed layer handed an activation that is not on the CPU (a model moved after loading)."""
+    monkeypatch.setattr(phi_core.linear, "SMALL_MATRIX", 0)
+    elsewhere = PhiLinear(96, 40, device="meta")
+    elsewhere.pack("dense")
+    assert elsewhere.kernels is None
+    layer = PhiLinear(96, 40)
+    layer.pack("dense")
+    assert layer.kernels is not None
+    with pytest.raises(RuntimeError, match="device"):  # torch's own mismatch error, not a crash in C++
+        layer(torch.randn(2, 96, device="meta"))

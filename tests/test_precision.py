@@ -210,7 +210,8 @@ def test_embedded_model_bfloat16_greedy_matches_float32():
 @needs_fbgemm
 def test_cli_reports_the_precision(lm_checkpoint):
     runner = CliRunner()
-    args = ["generate", "x", "-m", str(lm_checkpoint), "--max-new-tokens", "3", "--json", "--stats"]
+    # --device cpu: the CPU's weight formats are what this checks, also on a machine with a GPU (the default there)
+    args = ["generate", "x", "-m", str(lm_checkpoint), "--max-new-tokens", "3", "--json", "--stats", "--device", "cpu"]
     result = runner.invoke(app, [*args, "--dtype", "int8"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["dtype"] == "int8"

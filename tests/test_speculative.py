@@ -446,7 +446,9 @@ PROMPT_TEXT = "def area(width, height):\n    return width * height\n\n\ndef area
 @pytest.mark.parametrize("flags", [["--lookup", "4"], ["--draft", "int8"], ["--draft", "int4", "--draft-tokens", "2"]])
 def test_cli_output_is_unchanged_and_the_counts_are_reported(lm_checkpoint, flags):
     runner = CliRunner()
-    base = ["generate", PROMPT_TEXT, "-m", str(lm_checkpoint), "--greedy", "--max-new-tokens", "24", "--json"]
+    # --device cpu: int8 and int4 drafts are CPU formats, and a machine with a GPU would default to it
+    base = ["generate", PROMPT_TEXT, "-m", str(lm_checkpoint), "--greedy", "--max-new-tokens", "24", "--device", "cpu"]
+    base.append("--json")
     plain = runner.invoke(app, base)
     fast = runner.invoke(app, [*base, *flags])
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
@@ -496,3 +498,12 @@ def test_cli_refuses_two_proposers_and_another_tokenizer(lm_checkpoint, tmp_path
 def test_speculation_module_is_documented_in_the_layer_map():
     assert "speculative" in phi_core.__doc__
     assert speculative.__doc__
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4"])
+def test_a_quantized_draft_off_the_cpu_is_refused_naming_the_draft(spec):
+    """int8/int4 are CPU formats: on a GPU the error names --draft (not --dtype) and what to draft with there."""
+    from phi_core.errors import PhiError
+
+    with pytest.raises(PhiError, match=f"--draft {spec} is a quantized copy for the CPU.*smaller checkpoint"):
+        speculative.load_draft(spec, "tiny", phi_core.load_tokenizer("tiny"), device="cuda")
