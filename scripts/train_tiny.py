@@ -2,6 +2,7 @@
 
     python scripts/train_tiny.py lm --steps 3000 --out phi_core/assets/tiny
     python scripts/train_tiny.py heads --base phi_core/assets/tiny --out-dir phi_core/assets
+    python scripts/train_tiny.py lm --hidden-size 256 --steps 400 --out /tmp/wide256   # for benchmarks/quality.py
 
 ``lm`` trains a Phi-architecture causal LM with phi_core's own model code and the real Phi-1.5 tokenizer.
 The data is every ``.py`` file of the standard library (test packages excluded), in sorted path order; a fixed
@@ -27,7 +28,7 @@ import sys
 import sysconfig
 import time
 import tokenize
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -136,6 +137,21 @@ def full_vocab_loss(model: PhiForCausalLM, stream: torch.Tensor, seq_len: int, b
     return total / max(count, 1)
 
 
+def lm_config(hidden_size: int | None) -> PhiConfig:
+    """The embedded model's config, or one as deep but ``hidden_size`` wide (heads of 32, MLP 4x): a model whose
+    matrices are long enough for int4's real group sizes, to measure quantization quality on."""
+    if hidden_size is None:
+        return TINY_CONFIG
+    heads = hidden_size // 32
+    return replace(
+        TINY_CONFIG,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+
+
 def train_lm(args: argparse.Namespace) -> dict[str, float]:
     settings = LMSettings(
         args.steps, args.batch, args.seq_len, args.lr, args.warmup, args.limit_files, args.eval_batches
@@ -150,9 +166,10 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
         flush=True,
     )
     active = torch.unique(train)
-    remap = torch.zeros(TINY_CONFIG.vocab_size, dtype=torch.long)
+    config = lm_config(getattr(args, "hidden_size", None))
+    remap = torch.zeros(config.vocab_size, dtype=torch.long)
     remap[active] = torch.arange(len(active))
-    model = PhiForCausalLM(TINY_CONFIG)
+    model = PhiForCausalLM(config)
     init_weights(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -184,7 +201,7 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
             )
     model.eval()
     with torch.no_grad():
-        unseen = torch.ones(TINY_CONFIG.vocab_size, dtype=torch.bool)
+        unseen = torch.ones(config.vocab_size, dtype=torch.bool)
         unseen[active] = False
         model.lm_head.bias[unseen] = NEVER_SEEN_BIAS
     held_loss = full_vocab_loss(model, held, settings.seq_len, settings.eval_batches)
@@ -435,6 +452,7 @@ def main() -> None:
     lm.add_argument("--eval-batches", type=int, default=40)
     lm.add_argument("--threads", type=int, default=2)
     lm.add_argument("--out", default=str(ROOT / "phi_core" / "assets" / "tiny"))
+    lm.add_argument("--hidden-size", type=int, default=None, help="a wider model than the embedded one (x32)")
     heads = sub.add_parser("heads", help="fit the tagger and classifier heads on a trained LM")
     heads.add_argument("--base", default=str(ROOT / "phi_core" / "assets" / "tiny"))
     heads.add_argument("--out-dir", default=str(ROOT / "phi_core" / "assets"))

@@ -131,3 +131,10 @@ def test_held_out_split_is_fixed_by_path(train_tiny):
     held = [f for f in files if train_tiny.is_held_out(f)]
     assert 0.02 < len(held) / len(files) < 0.09
     assert held == [f for f in sorted(files, reverse=True) if train_tiny.is_held_out(f)][::-1]
+
+
+def test_a_wider_model_keeps_heads_of_32_and_a_4x_mlp(train_tiny):
+    wide = train_tiny.lm_config(256)
+    assert (wide.hidden_size, wide.intermediate_size, wide.num_attention_heads) == (256, 1024, 8)
+    assert wide.num_hidden_layers == train_tiny.TINY_CONFIG.num_hidden_layers
+    assert train_tiny.lm_config(None) is train_tiny.TINY_CONFIG
