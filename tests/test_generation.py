@@ -52,8 +52,11 @@ def collect(events):
 PROMPTS = ["def fibonacci(n):", "import os\nclass Path", "# héllo 🙂 wörld\nx ="]
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one-pass-prefill", "chunked-prefill"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_greedy_matches_transformers_single_and_left_padded_batch(checkpoint, tokenizer, attn):
+def test_greedy_matches_transformers_single_and_left_padded_batch(checkpoint, tokenizer, attn, chunk, monkeypatch):
+    if chunk is not None:  # prompts read 3 tokens at a time, as a long prompt is read 512 at a time
+        monkeypatch.setattr("phi_core.model.PREFILL_CHUNK", chunk)
     reference, folder = checkpoint
     model = phi_core.load_model(folder, attn=attn)
     encoded = [tokenizer.encode(p) for p in PROMPTS]

@@ -159,3 +159,25 @@ def test_backends_agree_on_padded_cached_inputs(make_checkpoint):
             model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache).logits
         )
     assert (outputs[0] - outputs[1]).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("variant", ["phi-2-like", "gqa", "rope-linear"])
+def test_a_prompt_read_in_chunks_leaves_the_logits_and_cache_of_one_pass(make_checkpoint, variant, monkeypatch):
+    _, folder = make_checkpoint(**CONFIGS[variant])
+    model = phi_core.load_model(folder)
+    rows = [random_ids(1, n, seed=n)[0] for n in (23, 9, 17)]
+    ids, mask = left_padded(rows)
+    results = []
+    for chunk in (10_000, 5):  # one pass, then pieces of 5 tokens
+        monkeypatch.setattr("phi_core.model.PREFILL_CHUNK", chunk)
+        cache = model.new_cache(3, 30)
+        logits = model(ids, attention_mask=mask, cache=cache, last_only=True).logits
+        results.append((logits, cache))
+    (whole, whole_cache), (pieces, piece_cache) = results
+    assert piece_cache.length == whole_cache.length == ids.shape[1]
+    assert (pieces - whole).abs().max() <= 1e-5
+    real = mask.bool()
+    for a, b in zip(whole_cache.keys + whole_cache.values, piece_cache.keys + piece_cache.values, strict=True):
+        assert (
+            a[:, :, : ids.shape[1]].transpose(1, 2)[real] - b[:, :, : ids.shape[1]].transpose(1, 2)[real]
+        ).abs().max() <= 1e-5
