@@ -171,7 +171,7 @@ def generate_command(
             finished.append(item)
             advance()
             if as_json:
-                write_json_line(completion_record(records[item.index], item, lm.precision.weights, setup))
+                write_json_line(completion_record(records[item.index], item, lm.precision, setup))
     if not as_json:
         _write("\n")
     if stats:

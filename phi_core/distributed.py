@@ -554,7 +554,7 @@ class _GenerateRunner:
             self.model, self.tokenizer, prompts, setup.params, batch_size, fmt, self.job.truncate, special
         ):
             if isinstance(done, Completion):
-                out[done.index] = completion_record(records[done.index], done, self.model.precision.weights, setup)
+                out[done.index] = completion_record(records[done.index], done, self.model.precision, setup)
         return out
 
 

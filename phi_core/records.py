@@ -12,15 +12,18 @@ from typing import Any
 
 from phi_core.classify import Classification
 from phi_core.completion import Completion, CompletionSetup
+from phi_core.precision import Precision
 from phi_core.tagging import TaggedText
 
 # Python reads bytes that are not UTF-8 as lone surrogates (surrogateescape); JSON can spell them too.
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def completion_record(record: dict[str, Any], done: Completion, dtype: str, setup: CompletionSetup) -> dict[str, Any]:
-    """`phi generate --json`: the prompt's completion, its tokens, timing, the settings it ran with, and with
-    speculative decoding the tokens proposed and accepted."""
+def completion_record(
+    record: dict[str, Any], done: Completion, precision: Precision, setup: CompletionSetup
+) -> dict[str, Any]:
+    """`phi generate --json`: the prompt's completion, its tokens, timing, the weights and the products that ran
+    them, the settings it ran with, and with speculative decoding the tokens proposed and accepted."""
     out = {
         **record,
         "prompt": done.prompt,
@@ -32,7 +35,8 @@ def completion_record(record: dict[str, Any], done: Completion, dtype: str, setu
         "prefill_s": round(done.prefill_s, 4),
         "decode_s": round(done.decode_s, 4),
         "tokens_per_s": round(done.tokens_per_s, 2),
-        "dtype": dtype,
+        "dtype": precision.weights,
+        "kernels": precision.kernels(),
         "format": setup.prompt_format.name,
         "generation": setup.generation.report(),
     }

@@ -214,7 +214,9 @@ def test_cli_reports_the_precision(lm_checkpoint):
     args = ["generate", "x", "-m", str(lm_checkpoint), "--max-new-tokens", "3", "--json", "--stats", "--device", "cpu"]
     result = runner.invoke(app, [*args, "--dtype", "int8"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["dtype"] == "int8"
+    record = json.loads(result.stdout)
+    assert record["dtype"] == "int8"
+    assert record["kernels"]["weights"] == "int8" and record["kernels"]["storage"] in ("tiles-int8", "fbgemm-int8")
     assert "int8 weights (" in result.stderr
     result = runner.invoke(app, args)  # auto on a float32 checkpoint
     assert json.loads(result.stdout)["dtype"] == "float32"
