@@ -434,13 +434,21 @@ def run_self(args: argparse.Namespace) -> dict[str, object]:
     generator = torch.Generator().manual_seed(1)
     shape = (args.prompts, args.prompt_tokens)
     prompts = torch.randint(0, 50000, shape, generator=generator).tolist()
-    contenders = [("plain", {})] + [(f"draft {d}", {"draft": draft}) for d, draft in drafts.items()]
-    runs: dict[str, list[Outcome]] = {name: [] for name, _ in contenders}
+    # Each draft as the planner runs it, and forced to propose every step (what the draft could give if the
+    # planner knew its acceptance from the start).
+    contenders: list[tuple[str, dict, bool]] = [("plain", {}, False)]
+    for d, draft in drafts.items():
+        contenders += [(f"draft {d}", {"draft": draft}, False), (f"draft {d} forced", {"draft": draft}, True)]
+    runs: dict[str, list[Outcome]] = {name: [] for name, _, _ in contenders}
     for round_ in range(args.rounds):
-        for name, extra in contenders:
+        for name, extra, force in contenders:
             for prompt in prompts:
-                params = GenerationParams(max_new_tokens=args.new_tokens, logprobs=False, **extra)
-                runs[name].append(generate_once(target, [prompt], params, False))
+                undo = forced(force)
+                try:
+                    params = GenerationParams(max_new_tokens=args.new_tokens, logprobs=False, **extra)
+                    runs[name].append(generate_once(target, [prompt], params, False))
+                finally:
+                    undo()
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
     row = summarize(f"random {args.shape} {args.target}", "random prompts", prompts, runs, args.rounds)
     return {"settings": vars(args), "machine": machine(), "results": [row]}
