@@ -485,7 +485,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, object]:
             ids = tokenizer.encode(text)[: args.seq_len + 1]
             padding = args.seq_len + 1 - len(ids)
             rows.append(ids + [tokenizer.eos_token_id] * padding)
-            targets.append(remap[torch.tensor(ids[1:])].tolist() + [-100] * padding)
+            targets.append(remap[torch.tensor(ids[1:], dtype=torch.long)].tolist() + [-100] * padding)
         ids = torch.tensor(rows)
         hidden = model.model(ids[:, :-1])
         logits = hidden @ model.lm_head.weight[active].T + model.lm_head.bias[active]
