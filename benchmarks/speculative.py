@@ -476,13 +476,15 @@ def run_finetune(args: argparse.Namespace) -> dict[str, object]:
     started, losses = time.perf_counter(), []
     for step in range(args.steps):
         rows, targets = [], []
-        for _ in range(args.batch):
+        while len(rows) < args.batch:
             if rng.random() < args.copy_share:
                 text = rng.choice(texts)
             else:
                 text = train_tiny.read_source(rng.choice(files))
                 text = text[rng.randrange(max(1, len(text) - 4 * args.seq_len)) :]
             ids = tokenizer.encode(text)[: args.seq_len + 1]
+            if len(ids) < 2:  # an empty file: nothing to predict
+                continue
             padding = args.seq_len + 1 - len(ids)
             rows.append(ids + [tokenizer.eos_token_id] * padding)
             targets.append(remap[torch.tensor(ids[1:], dtype=torch.long)].tolist() + [-100] * padding)

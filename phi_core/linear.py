@@ -189,6 +189,9 @@ class PhiLinear(DirectCall, nn.Linear):
                 raise PhiError(f"a weight of {largest:g} does not fit in 16 bits here; use --dtype float32")
         if weight_format == "dense":
             self._use_kernels("dense")
+            if self.kernels is not None:
+                # .data, not a new Parameter: a tied embedding shares this Parameter and must keep sharing it.
+                self.weight.data = compiled.copy_to_huge_pages(self.weight.detach())
             if self.kernels is None and _one_row_copy_pays(self.weight):
                 weight = self.weight.detach()
                 bias = self.bias.detach() if self.bias is not None else weight.new_zeros(self.out_features)
@@ -199,7 +202,8 @@ class PhiLinear(DirectCall, nn.Linear):
             self._pack_fbgemm(weight, weight_format, round_to)
             return
         if weight_format in ("rows-bf16", "rows-f16"):
-            self.packed = (weight.to(torch.bfloat16 if weight_format == "rows-bf16" else torch.float16).contiguous(),)
+            stored = torch.bfloat16 if weight_format == "rows-bf16" else torch.float16
+            self.packed = (compiled.copy_to_huge_pages(weight, stored),)
         else:
             self.group = INT4_GROUP if weight_format == "tiles-int4" else compiled.QBLOCK
             self.packed = self._pack_tiles(weight, weight_format)
@@ -230,7 +234,8 @@ class PhiLinear(DirectCall, nn.Linear):
             tiles.append(packed[0])
             scales.append(packed[1])
             del part
-        return torch.cat(tiles), torch.cat(scales)
+        stored = compiled.empty_on_huge_pages((sum(len(t) for t in tiles), *tiles[0].shape[1:]), tiles[0].dtype)
+        return torch.cat(tiles, out=stored), torch.cat(scales)
 
     def _pack_fbgemm(self, weight: torch.Tensor, weight_format: WeightFormat, round_to: torch.dtype | None) -> None:
         rows = max(1, PACK_BLOCK_ELEMENTS // self.in_features)

@@ -315,3 +315,34 @@ def test_dense_weights_off_the_cpu_never_reach_the_compiled_products(monkeypatch
     assert layer.kernels is not None
     with pytest.raises(RuntimeError, match="device"):  # torch's own mismatch error, not a crash in C++
         layer(torch.randn(2, 96, device="meta"))
+
+
+@pytest.mark.skipif(not hasattr(kernels.mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages here")
+def test_weights_ask_for_huge_pages_over_their_whole_2mb_stretches(monkeypatch):
+    calls = []
+    real_mmap = kernels.mmap.mmap
+
+    class Recording(real_mmap):
+        def madvise(self, advice, start, length):  # the same mapping, recording the advice
+            calls.append((advice, start, length))
+            return super().madvise(advice, start, length)
+
+    monkeypatch.setattr(kernels.mmap, "mmap", Recording)
+    big = kernels.empty_on_huge_pages((3, 1 << 20), torch.bfloat16)  # 6 MB
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.bfloat16
+    ((advice, _start, length),) = calls
+    assert advice == kernels.mmap.MADV_HUGEPAGE and length == 6 << 20
+    assert big.data_ptr() % kernels.HUGE_PAGE == 0  # the tensor starts on a 2 MB boundary
+    calls.clear()
+    small = kernels.empty_on_huge_pages((1 << 20,), torch.uint8)  # 1 MB: plain memory, nothing asked
+    assert calls == [] and small.shape == (1 << 20,)
+    source = torch.randn(700, 3000)
+    copied = kernels.copy_to_huge_pages(source, torch.bfloat16)
+    assert copied.dtype == torch.bfloat16 and torch.equal(copied, source.to(torch.bfloat16))
+
+
+def test_huge_page_advice_works_on_this_machine():
+    """The memory outlives every name for its mapping, and is ordinary memory to torch."""
+    tensor = kernels.empty_on_huge_pages((5 << 20,), torch.uint8)
+    tensor.fill_(7)
+    assert int(tensor.sum()) == 7 * (5 << 20)
