@@ -434,6 +434,13 @@ class Acceptance:
     hits: float = 1.0
     misses: float = 1.0
 
+    @classmethod
+    def expecting_a_draft(cls) -> Acceptance:
+        """The prior for a draft model, chosen because it agrees with the model: 0.8. From the even prior a draft
+        costing half a model step (an int8 copy of a 16-bit model) never looked worth proposing with, and the
+        planner spent most of a short generation probing (1.15x in 96 tokens where always proposing gave 1.52x)."""
+        return cls(hits=4.0, misses=1.0)
+
     @property
     def rate(self) -> float:
         return self.hits / (self.hits + self.misses)
@@ -462,7 +469,8 @@ class Planner:
 
     def __init__(self, rows: int, most: int, costs: StepCosts, uses_draft: bool) -> None:
         self.most, self.costs, self.uses_draft = most, costs, uses_draft
-        self.rows = [Acceptance() for _ in range(rows)]
+        prior = Acceptance.expecting_a_draft if uses_draft else Acceptance
+        self.rows = [prior() for _ in range(rows)]
         self.backoff, self.idle = self.FIRST_BACKOFF, 0
 
     def rate(self, slot: int) -> float:

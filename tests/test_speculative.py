@@ -417,6 +417,17 @@ def test_the_planner_stops_proposing_when_it_stops_paying_and_tries_again_later(
     assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
 
 
+def test_a_draft_half_as_costly_as_the_model_is_tried_from_the_first_step():
+    """A draft is chosen for agreeing with the model: its rows start at 0.8, and at half a model step's cost it
+    proposes at once; at the even prior prompt lookup starts from, the same costs would not be worth it."""
+    costs = StepCosts(slope=0.1, draft_ratio=0.5)
+    drafting = Planner(rows=1, most=4, costs=costs, uses_draft=True)
+    assert drafting.rate(0) == pytest.approx(0.8)
+    assert drafting.plan([4]) > 0
+    drafting.rows = [speculative.Acceptance()]  # the even prior
+    assert drafting.plan([4]) == 0
+
+
 def test_measured_costs_replace_the_prior():
     costs = StepCosts(slope=0.1, draft_ratio=0.5)
     assert costs.model_seconds(3) == pytest.approx(1.2)
