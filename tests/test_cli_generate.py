@@ -208,7 +208,7 @@ def test_truncate_left_keeps_the_end(runner, lm_checkpoint):
         (["--input", "/nonexistent.jsonl"], None, 2, "cannot be read"),
         (["x", "--input", "-"], "", 2, "not both"),
         (["x", "--max-new-tokens", "70"], None, 1, "exceeds the model's context of 64 tokens"),
-        (["x", "--attn", "flash_attention_2"], None, 1, "flash_attention_2 needs a CUDA device"),
+        (["x", "--attn", "flash_attention_2", "--device", "cpu"], None, 1, "flash_attention_2 needs a CUDA device"),
         (["x", "--top-p", "1.5"], None, 2, "--top-p: 1.5 is not in (0, 1]"),
         (["x", "--repetition-penalty", "nan"], None, 2, "'--repetition-penalty': nan is not a finite number"),
         (["x", "--temperature", "inf"], None, 2, "'--temperature': inf is not a finite number"),
