@@ -302,6 +302,15 @@ def forced(enabled: bool) -> Callable[[], None]:
     return lambda: setattr(speculative.Planner, "plan", original)
 
 
+def generate_alone(model, prompt: list[int], params: GenerationParams, force: bool) -> Outcome:
+    """One prompt at batch 1, with the planner forced to propose every step when ``force``."""
+    undo = forced(force)
+    try:
+        return generate_once(model, [prompt], params, False)
+    finally:
+        undo()
+
+
 def run_tasks(args: argparse.Namespace) -> dict[str, object]:
     functions = held_out_functions()
     tasks = make_tasks(functions, args.per_kind, args.seed)
@@ -332,12 +341,8 @@ def run_tasks(args: argparse.Namespace) -> dict[str, object]:
             for round_ in range(args.rounds):
                 for name, extra, force in contenders:
                     for prompt in prompts:  # batch 1: one prompt at a time
-                        undo = forced(force)
-                        try:
-                            params = GenerationParams(max_new_tokens=args.new_tokens, sampling=sampling, **extra)
-                            runs[name].append(generate_once(model, [prompt], params, False))
-                        finally:
-                            undo()
+                        params = GenerationParams(max_new_tokens=args.new_tokens, sampling=sampling, **extra)
+                        runs[name].append(generate_alone(model, prompt, params, force))
                 print(f"{source} {kind}: round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
             row = summarize(source, kind, prompts, runs, args.rounds)
             if cost_report is not None:
@@ -443,12 +448,8 @@ def run_self(args: argparse.Namespace) -> dict[str, object]:
     for round_ in range(args.rounds):
         for name, extra, force in contenders:
             for prompt in prompts:
-                undo = forced(force)
-                try:
-                    params = GenerationParams(max_new_tokens=args.new_tokens, logprobs=False, **extra)
-                    runs[name].append(generate_once(target, [prompt], params, False))
-                finally:
-                    undo()
+                params = GenerationParams(max_new_tokens=args.new_tokens, logprobs=False, **extra)
+                runs[name].append(generate_alone(target, prompt, params, force))
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
     row = summarize(f"random {args.shape} {args.target}", "random prompts", prompts, runs, args.rounds)
     return {"settings": vars(args), "machine": machine(), "results": [row]}

@@ -33,6 +33,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import mmap
 import os
 import platform
@@ -366,10 +367,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     mapping, 2 MB longer than needed so that an aligned stretch fits (pages never touched cost nothing). Small
     tensors, other systems, or a kernel that declines: the memory is what it would have been.
     """
-    count = 1
-    for size in shape:
-        count *= size
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < 2 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     # Private: an anonymous mapping is shared by default, and shared memory gets huge pages under another setting.

@@ -166,7 +166,7 @@ def train_lm(args: argparse.Namespace) -> dict[str, float]:
         flush=True,
     )
     active = torch.unique(train)
-    config = lm_config(getattr(args, "hidden_size", None))
+    config = lm_config(args.hidden_size)
     remap = torch.zeros(config.vocab_size, dtype=torch.long)
     remap[active] = torch.arange(len(active))
     model = PhiForCausalLM(config)

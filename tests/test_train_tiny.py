@@ -38,6 +38,7 @@ def smoke_models(train_tiny, tmp_path_factory):
         eval_batches=1,
         threads=1,
         out=str(root / "tiny"),
+        hidden_size=None,
     )
     metrics = train_tiny.train_lm(lm_args)
     head_args = argparse.Namespace(
