@@ -45,8 +45,9 @@ def raise_ending(signum: int, _frame: object) -> None:
 
 
 def exit_at_once(signum: int, _frame: object) -> None:
-    """While the CLI imports there is nothing to clean up, and an exception raised inside torch's import can
-    abort the process (C++ code calling back into Python), so leave at once, with the same one line."""
+    """While the CLI imports, and once the command has ended, there is nothing to clean up (and an exception
+    raised inside torch's import can abort the process: C++ code calling back into Python), so leave at once,
+    with the same one line."""
     message, code = ending(signum)
     newline = "\n" if os.isatty(2) else ""  # end the line the terminal's ^C echo is on
     with contextlib.suppress(OSError):  # stderr closed: the exit code still tells
@@ -54,17 +55,17 @@ def exit_at_once(signum: int, _frame: object) -> None:
     os._exit(code)
 
 
-def install_signal_handlers(importing: bool = False) -> None:
+def install_signal_handlers(at_once: bool = False) -> None:
     """Handlers for SIGINT, SIGTERM and SIGHUP (those the parent left ignored stay ignored: `nohup phi ...`):
-    :func:`exit_at_once` while ``importing``, then :func:`raise_ending`."""
+    :func:`exit_at_once` with ``at_once`` (importing, or the command over), else :func:`raise_ending`."""
     for signum in ENDING_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, exit_at_once if importing else raise_ending)
+            signal.signal(signum, exit_at_once if at_once else raise_ending)
 
 
 def main() -> None:
     """Run the `phi` command: ``phi --help`` lists the subcommands."""
-    install_signal_handlers(importing=True)
+    install_signal_handlers(at_once=True)
     if not _is_open(1):
         _print_error("stdout is closed (results are written there; redirect it to a file or /dev/null instead)")
         sys.exit(1)
@@ -77,7 +78,11 @@ def main() -> None:
         _print_error(f"internal error: cannot load the CLI: {type(exc).__name__}: {exc} (PHI_DEBUG=1 shows where)")
         sys.exit(INTERNAL_ERROR)
     install_signal_handlers()
-    sys.exit(_flush_stdout(_run_cli(app)))
+    code = _run_cli(app)
+    # The command is over: a signal now (a Ctrl-C while the last output flushes) must not raise out of the
+    # interpreter's exit as a traceback.
+    install_signal_handlers(at_once=True)
+    sys.exit(_flush_stdout(code))
 
 
 def _run_cli(app: Callable[[], object]) -> int:

@@ -248,13 +248,30 @@ def test_every_exception_the_cli_can_meet_has_an_exit_code():
 
 
 def test_cli_that_cannot_be_imported_is_one_internal_error_line(monkeypatch, capsys):
-    monkeypatch.setattr(entry, "install_signal_handlers", lambda importing=False: None)  # pytest keeps its own
+    monkeypatch.setattr(entry, "install_signal_handlers", lambda at_once=False: None)  # pytest keeps its own
     monkeypatch.setitem(sys.modules, "phi_cli.main", None)  # importing it now raises ImportError
     with pytest.raises(SystemExit) as exited:
         entry.main()
     assert exited.value.code == INTERNAL_ERROR
     err = capsys.readouterr().err
     assert err.startswith("error: internal error: cannot load the CLI: ModuleNotFoundError: ") and err.count("\n") == 1
+
+
+def test_a_signal_after_the_command_ended_exits_at_once_without_a_traceback(monkeypatch):
+    """Seen by hand: Ctrl-C landing while phi flushed its output after an error raised KeyboardInterrupt out of the
+    exit path. Once the command has run, the ending signals leave at once with their one line."""
+    saved = {signum: signal.getsignal(signum) for signum in entry.ENDING_SIGNALS}
+    handlers = []
+    monkeypatch.setattr(entry, "_run_cli", lambda app: 1)
+    monkeypatch.setattr(entry, "_flush_stdout", lambda code: handlers.append(signal.getsignal(signal.SIGINT)) or code)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert exited.value.code == 1
+    assert handlers == [entry.exit_at_once]
 
 
 def test_unexpected_error_is_one_internal_error_line(monkeypatch):
