@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="row counts (repeatable) [1 8 128 512]")
     parser.add_argument("--copies", type=int, default=8, help="distinct matrices per shape [8]")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--level", default=kernels.cpu_info().level, choices=["avx512", "avx2", "none"])
+    parser.add_argument("--level", default=kernels.cpu_info().level, choices=list(kernels.LEVELS))
     parser.add_argument("--only", action="append", help="contender names to run (repeatable)")
     args = parser.parse_args()
     print(f"{kernels.cpu_info().describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -461,7 +461,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, object]:
 
     torch.manual_seed(args.seed)
     tokenizer = phi_core.load_tokenizer("tiny")
-    model = phi_core.load_model("tiny", dtype="float32", prepare=False).train().requires_grad_(True)
+    model = phi_core.load_model(args.start, dtype="float32", prepare=False).train().requires_grad_(True)
     functions = training_functions()
     tasks = make_tasks(functions, len(functions) // 2, args.seed)
     by_head = {source.split("\n")[0]: source for _, source in functions}
@@ -568,6 +568,7 @@ def main() -> None:
     self_.add_argument("--rounds", type=int, default=3)
     finetune = commands.add_parser("finetune", help="teach the embedded model to copy (for acceptance only)")
     finetune.add_argument("--out", required=True)
+    finetune.add_argument("--start", default="tiny", help="the model to fine-tune (default: the embedded one)")
     finetune.add_argument("--steps", type=int, default=300)
     finetune.add_argument("--batch", type=int, default=8)
     finetune.add_argument("--seq-len", type=int, default=512)

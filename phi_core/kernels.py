@@ -1,8 +1,9 @@
 """phi_core's own CPU products, compiled on this machine at first use, and which product serves each weight format.
 
-What the CPU can do is read once (:func:`cpu_info`) and reduced to a **level**: ``avx512`` (AVX-512 F/BW/VL/DQ
-with VNNI: Intel since Ice Lake, AMD since Zen 4), ``avx2`` (AVX2, FMA and F16C: Intel since Haswell, AMD since
-Zen 1) or ``none``. ``csrc/cpu_kernels.cpp`` is compiled for the level with the system's C++ compiler (``c++``,
+What the CPU can do is read once (:func:`cpu_info`) and reduced to a **level**: ``avx512bf16`` (the next level
+with AVX-512 BF16 as well: Intel since Cooper Lake and Sapphire Rapids, AMD since Zen 4), ``avx512`` (AVX-512
+F/BW/VL/DQ with VNNI: Intel since Ice Lake), ``avx2`` (AVX2, FMA and F16C: Intel since Haswell, AMD since Zen 1)
+or ``none``. ``csrc/cpu_kernels.cpp`` is compiled for the level with the system's C++ compiler (``c++``,
 or ``$CXX``) into the user's cache folder (``$PHI_CACHE_DIR``, else ``$XDG_CACHE_HOME/phi-toolkit``, else
 ``~/.cache/phi-toolkit``), about two seconds once; a manifest beside the library records the source's hash, the
 level and the flags, and a library whose manifest is missing, unreadable or stale, or which fails a numerical
@@ -49,20 +50,24 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Level = Literal["avx512", "avx2", "none"]
-LEVELS: tuple[Level, ...] = ("avx512", "avx2", "none")
+Level = Literal["avx512bf16", "avx512", "avx2", "none"]
+LEVELS: tuple[Level, ...] = ("avx512bf16", "avx512", "avx2", "none")
+_AVX512 = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 LEVEL_FEATURES: dict[Level, tuple[str, ...]] = {
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    "avx512bf16": (*_AVX512, "avx512_bf16"),
+    "avx512": _AVX512,
     "avx2": ("avx2", "fma", "f16c"),
     "none": (),
 }
 # The features worth naming in --stats (AMX is detected and reported; no kernel uses it).
 NOTABLE_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+_AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 COMPILE_FLAGS: dict[Level, tuple[str, ...]] = {
-    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+    "avx512bf16": (*_AVX512_FLAGS, "-mavx512bf16"),
+    "avx512": _AVX512_FLAGS,
     "avx2": ("-mavx2", "-mfma", "-mf16c"),
 }
-_LEVEL_IDS = {"avx512": 2, "avx2": 1}
+_LEVEL_IDS = {"avx512bf16": 3, "avx512": 2, "avx2": 1}
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 QBLOCK = 32  # activation quantization block of the integer products
 TILE = 16  # output rows per tile of the integer layouts
@@ -132,6 +137,15 @@ class Choice:
 # Measured on an AMD EPYC Zen 5 (family 26, 2 cores, AVX-512 with VNNI and BF16), torch 2.13: see
 # docs/performance.md and benchmarks/linear_layout.py, which repeats the measurements.
 CHOICES: dict[Level, dict[str, Choice]] = {
+    # bfloat16: activations rounded to bfloat16 for AVX-512 BF16 dot products (prefill of 512 tokens 1.3-1.6x the
+    # float32-FMA product's speed here; decoding, bound by the weights' bytes, the same).
+    "avx512bf16": {
+        "float32": Choice("dense", "phi avx512bf16 f32", "phi avx512bf16 f32", 1 << 30),
+        "bfloat16": Choice("rows-bf16", "phi avx512bf16 bf16", "phi avx512bf16 bf16", 1 << 30),
+        "float16": Choice("rows-f16", "phi avx512bf16 f16", "phi avx512bf16 f16", 1 << 30),
+        "int8": Choice("tiles-int8", "phi avx512bf16 q8", "phi avx512bf16 q8", 1 << 30),
+        "int4": Choice("tiles-int4", "phi avx512bf16 q4", "phi avx512bf16 q4", 1 << 30),
+    },
     "avx512": {
         "float32": Choice("dense", "phi avx512 f32", "phi avx512 f32", 1 << 30),
         "bfloat16": Choice("rows-bf16", "phi avx512 bf16", "phi avx512 bf16", 1 << 30),
@@ -155,6 +169,11 @@ FALLBACK: dict[str, Choice] = {
     "int8": Choice("fbgemm-int8", "fbgemm int8", "fbgemm int8", 1 << 30),
     "int4": Choice("tiles-int4", "torch dequantize (slow)", "torch dequantize (slow)", 1 << 30),
 }
+
+
+def rounded_activations(kind: str, level: Level) -> torch.dtype | None:
+    """The dtype the float product ``kind`` of ``level`` rounds its activations to (None: float32, unrounded)."""
+    return torch.bfloat16 if kind == "bf16" and level == "avx512bf16" else None
 
 
 def choose(weights: str, level: Level | None = None) -> Choice:
@@ -346,7 +365,9 @@ def self_test(kernels: Kernels) -> None:
     bias = torch.randn(37, generator=generator)
     for kind in KINDS:
         packed, exact, group = pack(kind, weight)
-        expected = x.double() @ exact.double().T + bias.double()
+        rounded = rounded_activations(kind, kernels.level)
+        seen = x if rounded is None else x.to(rounded)
+        expected = seen.double() @ exact.double().T + bias.double()
         got = kernels.linear(kind, x, packed, bias, 37, group).double()
         tolerance = 1e-4 if kind in ("f32", "bf16", "f16") else 0.05  # the integer ones round the activations
         if not (got - expected).abs().max() <= tolerance * expected.abs().max():

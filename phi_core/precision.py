@@ -56,6 +56,8 @@ class Precision:
                 f"int4 weights (a float16 scale per {self.group} inputs, activations quantized per call), "
                 f"{compute} compute"
             )
+        elif self.rounds_activations():
+            text = f"{self.weights} weights (activations rounded to bfloat16 per product), {compute} compute"
         else:
             text = f"{self.weights} weights, {compute} compute"
         if self.choice is not None and (fmt != "dense" or self.choice.few != "torch"):
@@ -70,6 +72,12 @@ class Precision:
         if self.choice.few == self.choice.many:
             return self.choice.few
         return f"{self.choice.few} up to {self.choice.few_rows} rows, {self.choice.many} beyond"
+
+    def rounds_activations(self) -> bool:
+        """Whether the products round their float32 activations to bfloat16 (AVX-512 BF16 dot products)."""
+        if self.choice is None or self.weight_format != "rows-bf16":
+            return False
+        return compiled.rounded_activations("bf16", compiled.cpu_info().level) is not None
 
     def kernels(self) -> dict[str, object]:
         """What ``--json`` reports: the weights, their storage, the products for few and many rows, the CPU."""

@@ -15,11 +15,12 @@ from phi_core.kernels import CHOICES, FALLBACK, KINDS, CpuInfo
 from phi_core.linear import PhiLinear
 from phi_core.precision import choose_precision
 
-AVX512 = frozenset(kernels.LEVEL_FEATURES["avx512"] + ("avx512_bf16",))
+AVX512 = frozenset(kernels.LEVEL_FEATURES["avx512"])
+AVX512_BF16 = frozenset(kernels.LEVEL_FEATURES["avx512bf16"])
 AVX2 = frozenset(kernels.LEVEL_FEATURES["avx2"])
 HERE = kernels.cpu_info()
 # The levels this CPU can run and this machine can compile (each compiled once per cache folder, ~2 s).
-RUNNABLE = [level for level in ("avx512", "avx2") if set(kernels.LEVEL_FEATURES[level]) <= HERE.flags]
+RUNNABLE = [level for level in ("avx512bf16", "avx512", "avx2") if set(kernels.LEVEL_FEATURES[level]) <= HERE.flags]
 COMPILED = [level for level in RUNNABLE if kernels.library(level) is not None]
 needs_kernels = pytest.mark.skipif(not COMPILED, reason=f"no compiled kernels here: {kernels.kernel_status()}")
 
@@ -41,9 +42,11 @@ def fake_cpu(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str]) -> None:
 @pytest.mark.parametrize(
     ("flags", "level"),
     [
-        (AVX512, "avx512"),
-        (AVX512 | {"amx_tile", "amx_int8"}, "avx512"),
-        (AVX512 - {"avx512_vnni"}, "avx2"),  # Skylake-X: AVX-512 without VNNI runs the AVX2 kernels
+        (AVX512_BF16, "avx512bf16"),  # Zen 4 and 5, Sapphire Rapids
+        (AVX512_BF16 | {"amx_tile", "amx_int8"}, "avx512bf16"),
+        (AVX512, "avx512"),  # Ice Lake
+        (AVX512_BF16 - {"avx512_vnni"}, "avx2"),  # AVX-512 without VNNI runs the AVX2 kernels
+        (AVX512 - {"avx512_vnni"}, "avx2"),  # Skylake-X
         (AVX2, "avx2"),
         (AVX2 - {"f16c"}, "none"),
         (frozenset(), "none"),
@@ -54,6 +57,8 @@ def test_level_from_flags(flags, level):
 
 
 def test_level_can_be_capped(monkeypatch):
+    monkeypatch.setenv("PHI_CPU_LEVEL", "avx512")
+    assert CpuInfo("x", AVX512_BF16).level == "avx512"
     monkeypatch.setenv("PHI_CPU_LEVEL", "avx2")
     assert CpuInfo("x", AVX512).level == "avx2"
     monkeypatch.setenv("PHI_CPU_LEVEL", "none")
@@ -63,20 +68,22 @@ def test_level_can_be_capped(monkeypatch):
 
 
 def test_cpu_info_names_the_features():
-    text = CpuInfo("AMD EPYC", AVX512 | {"amx_tile"}).describe()
-    assert text.startswith("AMD EPYC (avx512: ") and "avx512_vnni" in text and "amx_tile" in text
+    text = CpuInfo("AMD EPYC", AVX512_BF16 | {"amx_tile"}).describe()
+    assert text.startswith("AMD EPYC (avx512bf16: ") and "avx512_vnni" in text and "amx_tile" in text
     assert HERE.describe().startswith(HERE.model)
 
 
-@pytest.mark.parametrize("level", ["avx512", "avx2"])
+@pytest.mark.parametrize("level", ["avx512bf16", "avx512", "avx2"])
 def test_faked_capability_picks_that_levels_kernels(monkeypatch, level):
     if level not in COMPILED:
         pytest.skip(f"the {level} kernels cannot run here")
-    fake_cpu(monkeypatch, AVX512 if level == "avx512" else AVX2)
+    fake_cpu(monkeypatch, frozenset(kernels.LEVEL_FEATURES[level]))
     for weights in ("float32", "bfloat16", "float16", "int8", "int4"):
         assert kernels.choose(weights) == CHOICES[level][weights]
     precision = choose_precision("bfloat16", "cpu")
     assert precision.weight_format == "rows-bf16" and precision.describe().endswith(f"; phi {level} bf16")
+    # Only AVX-512 BF16's product rounds the activations, and --stats says so.
+    assert ("activations rounded to bfloat16" in precision.describe()) == (level == "avx512bf16")
     layer = PhiLinear(2048, 1024)
     layer.pack("tiles-int4")
     assert layer.kernels is kernels.library(level) and layer.kernels.level == level
@@ -245,7 +252,8 @@ def quantized_activations(x: torch.Tensor, in_features_padded: int) -> torch.Ten
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
-@pytest.mark.parametrize(("out_features", "in_features"), [(1, 7), (16, 32), (37, 70), (50, 256)])
+# (21, 2100): more inputs than one block of the many-row products (1024 and 2048), and a tail after them.
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 7), (16, 32), (37, 70), (50, 256), (21, 2100)])
 def test_kernels_against_float64(kind, rows, out_features, in_features):
     if not COMPILED:
         pytest.skip(kernels.kernel_status())
@@ -254,13 +262,13 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
     x = torch.randn(rows, in_features, generator=generator)
     bias = torch.randn(out_features, generator=generator)
     packed, exact, group = kernels.pack(kind, weight)
-    if kind in ("q8", "q4"):
-        padded = -(-in_features // group) * group
-        seen = quantized_activations(x, padded)[:, :in_features]
-    else:
-        seen = x.double()
-    expected = seen @ exact.double().T + bias.double()
     for level in COMPILED:
+        if kind in ("q8", "q4"):
+            padded = -(-in_features // group) * group
+            seen = quantized_activations(x, padded)[:, :in_features]
+        else:
+            seen = x.to(kernels.rounded_activations(kind, level) or x.dtype).double()
+        expected = seen @ exact.double().T + bias.double()
         got = kernels.library(level).linear(kind, x, packed, bias, out_features, group).double()
         scale = expected.abs().max() + 1
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
@@ -294,6 +302,8 @@ def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):
             flat = x.reshape(-1, 96)
             if weight_format.startswith("tiles") and flat.shape[0] <= layer.few_rows:
                 flat_seen = quantized_activations(flat, -(-96 // layer.group) * layer.group)[:, :96]
+            elif weight_format == "rows-bf16" and kernels.rounded_activations("bf16", layer.kernels.level):
+                flat_seen = flat.bfloat16().double()
             else:
                 flat_seen = flat.double()
             expected = flat_seen @ exact.T + (layer.bias.double() if bias else 0)

@@ -111,17 +111,43 @@ def test_describe_without_kernels(no_kernels):
     assert choose_precision("float32", "cpu").describe() == "float32 weights and compute"
 
 
-def _reference_logits(reference: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _rounding_inputs(ours: torch.nn.Module) -> set[str]:
+    """The names, in transformers' model, of the Linears whose inputs phi_core's products round to bfloat16
+    (AVX-512 BF16 dot products; phi_core's fused qkv_proj is transformers' q_proj, k_proj and v_proj)."""
+    if not ours.precision.rounds_activations():
+        return set()
+    names = set()
+    for name, module in ours.named_modules():
+        if isinstance(module, PhiLinear) and module.weight_format == "rows-bf16":
+            stem, _, last = name.rpartition(".")
+            parts = ("q_proj", "k_proj", "v_proj") if last == "qkv_proj" else (last,)
+            names |= {f"{stem}.{part}" if stem else part for part in parts}
+    return names
+
+
+def _reference_logits(
+    reference: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, rounding_inputs: set[str] = frozenset()
+) -> torch.Tensor:
     """transformers in float32 on the matrices rounded to ``dtype``, as phi_core stores them (the embedding and
-    every Linear weight; LayerNorms and biases stay float32)."""
+    every Linear weight; LayerNorms and biases stay float32), and with the inputs of the Linears named in
+    ``rounding_inputs`` rounded to bfloat16, as phi_core's AVX-512 BF16 products round them."""
     rounded = {
         name: (t.to(dtype).float() if name.endswith("weight") and t.dim() == 2 else t)
         for name, t in reference.state_dict().items()
     }
     twin = type(reference)(reference.config).eval()
     twin.load_state_dict(rounded)
+    for name, module in twin.named_modules():
+        if name in rounding_inputs:
+            module.register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16).float(),))
     with torch.no_grad():
         return twin(ids).logits
+
+
+def _tolerance(rounding_inputs: set[str]) -> float:
+    """float32's 1e-4; with rounded inputs a little more: float32 noise between the two implementations can put an
+    input on the other side of a bfloat16 rounding boundary (a step of 2**-8 of it; seen with grouped KV heads)."""
+    return 3e-4 if rounding_inputs else 1e-4
 
 
 @needs_fbgemm
@@ -134,8 +160,9 @@ def test_16_bit_weights_compute_like_float32_on_the_rounded_weights(make_checkpo
     linears = [m for m in ours.modules() if isinstance(m, PhiLinear)]
     assert linears and all(m.packed is not None and m.weight is None for m in linears)
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
-    expected = _reference_logits(reference, ids, getattr(torch, dtype))
-    assert (ours(ids).logits - expected).abs().max() <= 1e-4
+    rounding = _rounding_inputs(ours)
+    expected = _reference_logits(reference, ids, getattr(torch, dtype), rounding)
+    assert (ours(ids).logits - expected).abs().max() <= _tolerance(rounding)
 
 
 @needs_fbgemm
@@ -249,4 +276,5 @@ def test_small_matrices_stay_dense_float32_with_the_rounded_values(make_checkpoi
     assert torch.equal(fc1.weight, reference.model.layers[0].mlp.fc1.weight.detach().to(BF16).float())
     assert model.lm_head.packed is not None  # 320 x 64 = 20480 weights
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
-    assert (model(ids).logits - _reference_logits(reference, ids, BF16)).abs().max() <= 1e-4
+    rounding = _rounding_inputs(model)
+    assert (model(ids).logits - _reference_logits(reference, ids, BF16, rounding)).abs().max() <= _tolerance(rounding)

@@ -9,7 +9,11 @@
 // The integer formats quantize the activations of each call to int8 in blocks of 32 values (scale per block,
 // as llama.cpp's q8_0) and multiply with integer dot products; per block the int32 sums become float.
 //
-// Compiled twice by phi_core/kernels.py: -march=x86-64-v3 (AVX2, FMA, F16C) and x86-64-v4 with AVX-512 VNNI.
+//   bf16 on a CPU with AVX-512 BF16: the activations are rounded to bfloat16 once per call and multiplied with
+//       the BF16 dot-product instruction (pairs of bfloat16 products summed into float32): twice the multiplies of a
+//       float32 FMA per instruction and no widening of the weights, which is what makes prefill faster.
+//
+// Compiled per level by phi_core/kernels.py: AVX2 + FMA + F16C; AVX-512 with VNNI; the same with AVX-512 BF16.
 // Threads: OpenMP, which resolves to the libgomp torch has loaded (one thread pool for torch and these kernels).
 #include <immintrin.h>
 #include <omp.h>
@@ -22,7 +26,12 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define PHI_AVX512 1
+#if defined(__AVX512BF16__)
+#define PHI_BF16_DOT 1
+#define PHI_LEVEL 3
+#else
 #define PHI_LEVEL 2
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI_AVX2 1
 #define PHI_LEVEL 1
@@ -318,6 +327,153 @@ void float_product(const float* x, int64_t M, int64_t K, const typename L::T* w,
     for (int64_t u = 0; u < units; ++u) float_rows<L>(x, M, K, w, u * unit, std::min(N, (u + 1) * unit), N, bias, y);
 }
 
+#if PHI_BF16_DOT
+// ---------------------------------------------------------------------------------------------------------------
+// bfloat16 weights times activations rounded to bfloat16: vdpbf16ps, 32 products a register into 16 float32 sums.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int64_t BF16_STEP = 32;
+
+// x (M, K) rounded to bfloat16 (to nearest even) into rows of Kp (a multiple of 32) zero-padded values: one scratch
+// per calling thread, as the quantized activations.
+const uint16_t* round_to_bf16(const float* x, int64_t M, int64_t K, int64_t Kp, int nthreads) {
+    thread_local std::vector<uint16_t> scratch;
+    std::vector<uint16_t>& buffer = scratch;
+    if ((int64_t)buffer.size() < M * Kp) buffer.resize(M * Kp);
+    uint16_t* out = buffer.data();
+    const int threads = M * K >= (1 << 16) ? nthreads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < Kp; k += BF16_STEP) {
+            const int64_t low = std::max<int64_t>(0, std::min<int64_t>(16, K - k));
+            const int64_t high = std::max<int64_t>(0, std::min<int64_t>(16, K - k - 16));
+            const __m512 a = _mm512_maskz_loadu_ps((__mmask16)((1u << low) - 1), x + m * K + k);
+            const __m512 b = _mm512_maskz_loadu_ps((__mmask16)((1u << high) - 1), x + m * K + k + 16);
+            _mm512_storeu_si512(out + m * Kp + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+    return out;
+}
+
+inline __m512bh dot_weights(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh dot_weights_tail(const uint16_t* p, int64_t n) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+inline __m512bh dot_activations(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// One weight row times one activation row, U registers along k at a time: one sequential stream (decoding).
+template <int U>
+inline float dot_row(const uint16_t* x, int64_t K, const uint16_t* row) {
+    __m512 acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+    constexpr int64_t STEP = U * BF16_STEP;
+    int64_t k = 0;
+    for (; k + STEP <= K; k += STEP) {
+        for (int line = 0; line < U; ++line) _mm_prefetch((const char*)(row + k + line * 32) + PREFETCH, _MM_HINT_T0);
+        for (int u = 0; u < U; ++u)
+            acc[u] = _mm512_dpbf16_ps(acc[u], dot_weights(row + k + u * BF16_STEP), dot_activations(x + k + u * BF16_STEP));
+    }
+    for (; k + BF16_STEP <= K; k += BF16_STEP)
+        acc[0] = _mm512_dpbf16_ps(acc[0], dot_weights(row + k), dot_activations(x + k));
+    if (k < K) acc[0] = _mm512_dpbf16_ps(acc[0], dot_weights_tail(row + k, K - k), dot_activations(x + k));
+    for (int u = 1; u < U; ++u) acc[0] = _mm512_add_ps(acc[0], acc[u]);
+    return _mm512_reduce_add_ps(acc[0]);
+}
+
+// R weight rows times MC activation rows over inputs [k0, k1), added to y: as float_block.
+template <int R, int MC>
+inline void dot_block(const uint16_t* x, int64_t Kp, int64_t K, int64_t k0, int64_t k1, const uint16_t* w, float* y,
+                      int64_t N) {
+    __m512 acc[R][MC];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + BF16_STEP <= k1; k += BF16_STEP) {
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
+        __m512bh xv[MC];
+        for (int m = 0; m < MC; ++m) xv[m] = dot_activations(x + m * Kp + k);
+        for (int r = 0; r < R; ++r) {
+            const __m512bh wv = dot_weights(w + r * K + k);
+            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+        }
+    }
+    if (k < k1) {
+        for (int r = 0; r < R; ++r) {
+            const __m512bh wv = dot_weights_tail(w + r * K + k, k1 - k);
+            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, dot_activations(x + m * Kp + k));
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) y[m * N + r] += _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int R>
+inline void dot_rest(const uint16_t* x, int64_t Kp, int64_t K, int64_t k0, int64_t k1, const uint16_t* w, float* y,
+                     int64_t N, int64_t rest) {
+    switch (rest) {
+        case 1: return dot_block<R, 1>(x, Kp, K, k0, k1, w, y, N);
+        case 2: return dot_block<R, 2>(x, Kp, K, k0, k1, w, y, N);
+        case 3: return dot_block<R, 3>(x, Kp, K, k0, k1, w, y, N);
+        case 4: return dot_block<R, 4>(x, Kp, K, k0, k1, w, y, N);
+        case 5: return dot_block<R, 5>(x, Kp, K, k0, k1, w, y, N);
+        default: return;
+    }
+}
+
+// Rows [n0, n1) for all M activation rows, blocked as float_rows. Six activation rows per block when there are
+// many (prefill: 24 sums, measured 1.1x four rows' on a Zen 5) and inputs in blocks of 2048 (fewer horizontal sums).
+constexpr int64_t DOT_KBLOCK = 2048;
+template <int MC>
+void dot_rows(const uint16_t* x, int64_t M, int64_t Kp, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+              int64_t N, const float* bias, float* y) {
+    constexpr int R = 4;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
+    const int64_t batch = std::max<int64_t>(R, (256 << 10) / (std::min(K, DOT_KBLOCK) * 2) / R * R);
+    const int64_t full = M - M % MC, rest = M % MC;
+    for (int64_t nb = n0; nb < n1; nb += batch) {
+        const int64_t ne = std::min(n1, nb + batch), whole = nb + (ne - nb) / R * R;
+        for (int64_t k0 = 0; k0 < K; k0 += DOT_KBLOCK) {
+            const int64_t k1 = std::min(K, k0 + DOT_KBLOCK);
+            if (M <= 2 * MC) {
+                for (int64_t n = nb; n < whole; n += R) {
+                    for (int64_t m = 0; m < full; m += MC)
+                        dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
+                    dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+                }
+            } else {
+                for (int64_t m = 0; m < full; m += MC)
+                    for (int64_t n = nb; n < whole; n += R)
+                        dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
+                for (int64_t n = nb; n < whole; n += R)
+                    dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+            }
+            for (int64_t n = whole; n < ne; ++n)
+                for (int64_t m = 0; m < M; ++m)
+                    dot_block<1, 1>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
+        }
+    }
+}
+
+void bf16_dot_product(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias, float* y,
+                      int nthreads) {
+    const int64_t Kp = (K + BF16_STEP - 1) / BF16_STEP * BF16_STEP;
+    const uint16_t* xb = round_to_bf16(x, M, K, Kp, nthreads);
+    int64_t unit;
+    const int64_t units = unit_count(N, K * 2, M, 4, unit);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && units > 1)
+    for (int64_t u = 0; u < units; ++u) {
+        const int64_t n0 = u * unit, n1 = std::min(N, (u + 1) * unit);
+        if (M == 1) {
+            for (int64_t n = n0; n < n1; ++n) y[n] = dot_row<4>(xb, K, w + n * K) + (bias ? bias[n] : 0.0f);
+        } else if (M <= 8) {
+            dot_rows<4>(xb, M, Kp, K, w, n0, n1, N, bias, y);
+        } else {
+            dot_rows<6>(xb, M, Kp, K, w, n0, n1, N, bias, y);
+        }
+    }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------------------------
 // Tiled integer weights.
 // ---------------------------------------------------------------------------------------------------------------
@@ -584,7 +740,11 @@ int phi_kernels_level() { return PHI_LEVEL; }
               const float* bias, float* y, int nthreads)
 
 PHI_PRODUCT(phi_linear_f32) { float_product<F32>(x, M, K, (const float*)w, N, bias, y, nthreads); }
+#if PHI_BF16_DOT
+PHI_PRODUCT(phi_linear_bf16) { bf16_dot_product(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
+#else
 PHI_PRODUCT(phi_linear_bf16) { float_product<BF16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
+#endif
 PHI_PRODUCT(phi_linear_f16) { float_product<F16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
 PHI_PRODUCT(phi_linear_q8) { int_product<false>(x, M, K, (const uint8_t*)w, scales, QBLOCK, N, bias, y, nthreads); }
 PHI_PRODUCT(phi_linear_q4) { int_product<true>(x, M, K, (const uint8_t*)w, scales, group, N, bias, y, nthreads); }
