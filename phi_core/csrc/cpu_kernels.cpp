@@ -93,6 +93,9 @@ struct Quantized {
     std::vector<int8_t> q;
     std::vector<float> d;
     std::vector<int32_t> s;
+    // per row, 128 * sum over blocks of d * s: what the +128 of the stored int8 weights adds to every product of
+    // the row, taken off once at the end instead of once per block (a fifth fewer instructions with 8 rows)
+    std::vector<float> offset;
     int64_t Kp = 0, blocks = 0;
 };
 
@@ -107,13 +110,20 @@ Quantized& quantize(const float* x, int64_t M, int64_t K, int64_t Kp, int nthrea
         buffer.d.resize(M * buffer.blocks);
         buffer.s.resize(M * buffer.blocks);
     }
+    if ((int64_t)buffer.offset.size() < M) buffer.offset.resize(M);
     int8_t* q = buffer.q.data();
     float* d = buffer.d.data();
     int32_t* s = buffer.s.data();
+    float* offset = buffer.offset.data();
     const int64_t blocks = buffer.blocks;
     const int threads = M * K >= (1 << 16) ? nthreads : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, Kp, q + m * Kp, d + m * blocks, s + m * blocks);
+    for (int64_t m = 0; m < M; ++m) {
+        quantize_row(x + m * K, K, Kp, q + m * Kp, d + m * blocks, s + m * blocks);
+        double total = 0.0;
+        for (int64_t b = 0; b < blocks; ++b) total += (double)d[m * blocks + b] * s[m * blocks + b];
+        offset[m] = (float)(128.0 * total);
+    }
     return buffer;
 }
 
@@ -497,7 +507,6 @@ void q8_tile(const IntArgs& p, int64_t tile, int64_t m0) {
     const uint8_t* wt = p.w + tile * TILE * p.Kp;
     const int8_t* xq = p.a->q.data() + m0 * p.Kp;
     const float* xd = p.a->d.data() + m0 * blocks;
-    const int32_t* xs = p.a->s.data() + m0 * blocks;
     __m512 acc[MC];
     for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -510,17 +519,19 @@ void q8_tile(const IntArgs& p, int64_t tile, int64_t m0) {
             for (int m = 0; m < MC; ++m)
                 sum[m] = _mm512_dpbusd_epi32(sum[m], wv, _mm512_set1_epi32(load_i32(xq + m * p.Kp + b * QBLOCK + c * 4)));
         }
-        for (int m = 0; m < MC; ++m) {
-            // stored w + 128: subtract 128 * sum(q) of this block
-            const __m512i exact = _mm512_sub_epi32(sum[m], _mm512_set1_epi32(128 * xs[m * blocks + b]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xd[m * blocks + b]), acc[m]);
-        }
+        // the sums include the weights' +128 (times the block's sum of q): Quantized::offset takes it off below
+        for (int m = 0; m < MC; ++m)
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), _mm512_set1_ps(xd[m * blocks + b]), acc[m]);
     }
     const int64_t n = tile * TILE, valid = p.N - n;
     const __m512 scale = _mm512_loadu_ps((const float*)p.scales + n);
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps((__mmask16)(valid >= 16 ? 0xFFFF : (1u << valid) - 1), p.bias + n)
                                : _mm512_setzero_ps();
-    for (int m = 0; m < MC; ++m) store_rows(p.y + (m0 + m) * p.N + n, valid, _mm512_fmadd_ps(acc[m], scale, bias));
+    const float* offset = p.a->offset.data() + m0;
+    for (int m = 0; m < MC; ++m) {
+        const __m512 exact = _mm512_sub_ps(acc[m], _mm512_set1_ps(offset[m]));
+        store_rows(p.y + (m0 + m) * p.N + n, valid, _mm512_fmadd_ps(exact, scale, bias));
+    }
 }
 
 template <int MC>
