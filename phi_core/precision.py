@@ -56,8 +56,9 @@ class Precision:
                 f"int4 weights (a float16 scale per {self.group} inputs, activations quantized per call), "
                 f"{compute} compute"
             )
-        elif self.rounds_activations():
-            text = f"{self.weights} weights (activations rounded to bfloat16 per product), {compute} compute"
+        elif self.rounded_activations() is not None:
+            rounded = dtype_name(self.rounded_activations())
+            text = f"{self.weights} weights (activations rounded to {rounded} per product), {compute} compute"
         else:
             text = f"{self.weights} weights, {compute} compute"
         if self.choice is not None and (fmt != "dense" or self.choice.few != "torch"):
@@ -73,11 +74,13 @@ class Precision:
             return self.choice.few
         return f"{self.choice.few} up to {self.choice.few_rows} rows, {self.choice.many} beyond"
 
-    def rounds_activations(self) -> bool:
-        """Whether the products round their float32 activations to bfloat16 (AVX-512 BF16 dot products)."""
-        if self.choice is None or self.weight_format != "rows-bf16":
-            return False
-        return compiled.rounded_activations("bf16", compiled.cpu_info().level) is not None
+    def rounded_activations(self) -> torch.dtype | None:
+        """The dtype the products round their float32 activations to, if they do (see
+        :func:`phi_core.kernels.rounded_activations`)."""
+        kind = {"rows-bf16": "bf16", "rows-f16": "f16"}.get(self.weight_format)
+        if self.choice is None or kind is None:
+            return None
+        return compiled.rounded_activations(kind, compiled.cpu_info().level)
 
     def kernels(self) -> dict[str, object]:
         """What ``--json`` reports: the weights, their storage, the products for few and many rows, the CPU."""

@@ -82,8 +82,11 @@ def test_faked_capability_picks_that_levels_kernels(monkeypatch, level):
         assert kernels.choose(weights) == CHOICES[level][weights]
     precision = choose_precision("bfloat16", "cpu")
     assert precision.weight_format == "rows-bf16" and precision.describe().endswith(f"; phi {level} bf16")
-    # Only AVX-512 BF16's product rounds the activations, and --stats says so.
+    # Only AVX-512 BF16's product rounds bfloat16 weights' activations (to bfloat16), AVX-512's round float16
+    # weights' (to float16); --stats says so.
     assert ("activations rounded to bfloat16" in precision.describe()) == (level == "avx512bf16")
+    float16 = choose_precision("float16", "cpu").describe()
+    assert ("activations rounded to float16" in float16) == level.startswith("avx512")
     layer = PhiLinear(2048, 1024)
     layer.pack("tiles-int4")
     assert layer.kernels is kernels.library(level) and layer.kernels.level == level
@@ -274,6 +277,22 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
 
 
+@pytest.mark.parametrize("rows", [1, 11])
+def test_float16_products_leave_activations_beyond_float16_unrounded(rows):
+    """A call with an activation float16 cannot hold multiplies the float32 activations as they are (no infinity)."""
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(24, 300, generator=generator)
+    x = torch.randn(rows, 300, generator=generator)
+    x[-1, 7] = 1e5
+    packed, exact, _ = kernels.pack("f16", weight)
+    expected = x.double() @ exact.double().T
+    for level in COMPILED:
+        got = kernels.library(level).linear("f16", x, packed, None, 24).double()
+        assert got.isfinite().all() and (got - expected).abs().max() <= 2e-5 * expected.abs().max(), level
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_activations_give_nan_as_a_float_product_would(kind):
     if not COMPILED:
@@ -302,8 +321,9 @@ def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):
             flat = x.reshape(-1, 96)
             if weight_format.startswith("tiles") and flat.shape[0] <= layer.few_rows:
                 flat_seen = quantized_activations(flat, -(-96 // layer.group) * layer.group)[:, :96]
-            elif weight_format == "rows-bf16" and kernels.rounded_activations("bf16", layer.kernels.level):
-                flat_seen = flat.bfloat16().double()
+            elif weight_format in ("rows-bf16", "rows-f16"):
+                kind = weight_format.removeprefix("rows-")
+                flat_seen = flat.to(kernels.rounded_activations(kind, layer.kernels.level) or flat.dtype).double()
             else:
                 flat_seen = flat.double()
             expected = flat_seen @ exact.T + (layer.bias.double() if bias else 0)

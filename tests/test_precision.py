@@ -90,8 +90,9 @@ def test_gpu_choices_keep_one_dtype_for_weights_and_compute():
 @needs_kernels
 def test_describe_says_what_auto_picked_and_which_kernel_serves_it():
     level = kernels.cpu_info().level
+    rounded = " (activations rounded to float16 per product)" if level.startswith("avx512") else ""
     assert choose_precision("auto", "cpu", F16).describe() == (
-        f"auto: float16 weights, float32 compute; phi {level} f16"
+        f"auto: float16 weights{rounded}, float32 compute; phi {level} f16"
     )
     assert choose_precision("float32", "cpu").describe().startswith(f"float32 weights and compute; phi {level} f32")
     int4 = choose_precision("int4", "cpu")
@@ -111,43 +112,48 @@ def test_describe_without_kernels(no_kernels):
     assert choose_precision("float32", "cpu").describe() == "float32 weights and compute"
 
 
-def _rounding_inputs(ours: torch.nn.Module) -> set[str]:
-    """The names, in transformers' model, of the Linears whose inputs phi_core's products round to bfloat16
-    (AVX-512 BF16 dot products; phi_core's fused qkv_proj is transformers' q_proj, k_proj and v_proj)."""
-    if not ours.precision.rounds_activations():
-        return set()
+def _rounding_inputs(ours: torch.nn.Module) -> tuple[set[str], torch.dtype | None]:
+    """The names, in transformers' model, of the Linears whose inputs phi_core's products round, and the dtype they
+    round to (AVX-512 products of 16-bit weights; phi_core's fused qkv_proj is transformers' q, k and v_proj)."""
+    rounded_to = ours.precision.rounded_activations()
+    if rounded_to is None:
+        return set(), None
     names = set()
     for name, module in ours.named_modules():
-        if isinstance(module, PhiLinear) and module.weight_format == "rows-bf16":
+        if isinstance(module, PhiLinear) and module.weight_format in ("rows-bf16", "rows-f16"):
             stem, _, last = name.rpartition(".")
             parts = ("q_proj", "k_proj", "v_proj") if last == "qkv_proj" else (last,)
             names |= {f"{stem}.{part}" if stem else part for part in parts}
-    return names
+    return names, rounded_to
 
 
 def _reference_logits(
-    reference: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, rounding_inputs: set[str] = frozenset()
+    reference: torch.nn.Module,
+    ids: torch.Tensor,
+    dtype: torch.dtype,
+    rounding: tuple[set[str], torch.dtype | None] = (set(), None),
 ) -> torch.Tensor:
     """transformers in float32 on the matrices rounded to ``dtype``, as phi_core stores them (the embedding and
-    every Linear weight; LayerNorms and biases stay float32), and with the inputs of the Linears named in
-    ``rounding_inputs`` rounded to bfloat16, as phi_core's AVX-512 BF16 products round them."""
+    every Linear weight; LayerNorms and biases stay float32), and with the inputs of the Linears ``rounding`` names
+    rounded to its dtype, as phi_core's AVX-512 products of 16-bit weights round them."""
     rounded = {
         name: (t.to(dtype).float() if name.endswith("weight") and t.dim() == 2 else t)
         for name, t in reference.state_dict().items()
     }
     twin = type(reference)(reference.config).eval()
     twin.load_state_dict(rounded)
+    names, rounded_to = rounding
     for name, module in twin.named_modules():
-        if name in rounding_inputs:
-            module.register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16).float(),))
+        if name in names:
+            module.register_forward_pre_hook(lambda _, args: (args[0].to(rounded_to).float(),))
     with torch.no_grad():
         return twin(ids).logits
 
 
-def _tolerance(rounding_inputs: set[str]) -> float:
+def _tolerance(rounding: tuple[set[str], torch.dtype | None]) -> float:
     """float32's 1e-4; with rounded inputs a little more: float32 noise between the two implementations can put an
-    input on the other side of a bfloat16 rounding boundary (a step of 2**-8 of it; seen with grouped KV heads)."""
-    return 3e-4 if rounding_inputs else 1e-4
+    input on the other side of a rounding boundary (a step of 2**-8 of it in bfloat16; seen with grouped KV heads)."""
+    return 3e-4 if rounding[0] else 1e-4
 
 
 @needs_fbgemm
