@@ -137,8 +137,8 @@ class Choice:
 # Measured on an AMD EPYC Zen 5 (family 26, 2 cores, AVX-512 with VNNI and BF16), torch 2.13: see
 # docs/performance.md and benchmarks/linear_layout.py, which repeats the measurements.
 CHOICES: dict[Level, dict[str, Choice]] = {
-    # bfloat16: activations rounded to bfloat16 for AVX-512 BF16 dot products (prefill of 512 tokens 1.3-1.6x the
-    # float32-FMA product's speed here; decoding, bound by the weights' bytes, the same).
+    # bfloat16: prompts' activations rounded to bfloat16 for AVX-512 BF16 dot products (prefill of 512 tokens
+    # 1.5x the float32-FMA product's speed here); see rounded_activations.
     "avx512bf16": {
         "float32": Choice("dense", "phi avx512bf16 f32", "phi avx512bf16 f32", 1 << 30),
         "bfloat16": Choice("rows-bf16", "phi avx512bf16 bf16", "phi avx512bf16 bf16", 1 << 30),
@@ -171,12 +171,22 @@ FALLBACK: dict[str, Choice] = {
 }
 
 
-def rounded_activations(kind: str, level: Level) -> torch.dtype | None:
-    """The dtype the float product ``kind`` of ``level`` rounds its activations to (None: float32, unrounded).
+# Products of this many activation rows or more (prompts) round 16-bit weights' activations; fewer (decoding,
+# checking proposed tokens, batches of rows) keep float32: rounding would turn the float32 noise between a one-row
+# step and a several-row check into a rounding step's difference, where a greedy near-tie could go another way
+# with speculative decoding than without.
+ROUNDED_ROWS = 128
 
-    bfloat16 weights on AVX-512 BF16: bfloat16, for its dot products. float16 weights with AVX-512: float16, as
-    llama.cpp's f16 products do (a product of many rows then reads half the activation bytes; measured 1.0-1.17x
-    on a Zen 5), except in a call with an activation beyond float16's range, which multiplies them unrounded."""
+
+def rounded_activations(kind: str, level: Level, rows: int = ROUNDED_ROWS) -> torch.dtype | None:
+    """The dtype the float product ``kind`` of ``level`` rounds ``rows`` activation rows to (None: unrounded).
+
+    From :data:`ROUNDED_ROWS` rows: bfloat16 weights on AVX-512 BF16 round to bfloat16, for its dot products
+    (1.4-1.8x the float32-FMA product on a Zen 5); float16 weights with AVX-512 round to float16, as llama.cpp's
+    f16 products do (both operands then float16 in memory: 1.0-1.17x), except in a call with an activation beyond
+    float16's range, which multiplies them unrounded."""
+    if rows < ROUNDED_ROWS:
+        return None
     if kind == "bf16" and level == "avx512bf16":
         return torch.bfloat16
     if kind == "f16" and level in ("avx512bf16", "avx512"):
@@ -369,17 +379,18 @@ def self_test(kernels: Kernels) -> None:
         raise AssertionError("library built for another level")
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 70, generator=generator)
-    x = torch.randn(3, 70, generator=generator)
     bias = torch.randn(37, generator=generator)
-    for kind in KINDS:
-        packed, exact, group = pack(kind, weight)
-        rounded = rounded_activations(kind, kernels.level)
-        seen = x if rounded is None else x.to(rounded)
-        expected = seen.double() @ exact.double().T + bias.double()
-        got = kernels.linear(kind, x, packed, bias, 37, group).double()
-        tolerance = 1e-4 if kind in ("f32", "bf16", "f16") else 0.05  # the integer ones round the activations
-        if not (got - expected).abs().max() <= tolerance * expected.abs().max():
-            raise AssertionError(f"{kind} product wrong")
+    for rows in (3, ROUNDED_ROWS + 3):  # the few-row products and the many-row ones
+        x = torch.randn(rows, 70, generator=generator)
+        for kind in KINDS:
+            packed, exact, group = pack(kind, weight)
+            rounded = rounded_activations(kind, kernels.level, rows)
+            seen = x if rounded is None else x.to(rounded)
+            expected = seen.double() @ exact.double().T + bias.double()
+            got = kernels.linear(kind, x, packed, bias, 37, group).double()
+            tolerance = 1e-4 if kind in ("f32", "bf16", "f16") else 0.05  # the integer ones round the activations
+            if not (got - expected).abs().max() <= tolerance * expected.abs().max():
+                raise AssertionError(f"{kind} product wrong")
 
 
 # Memory for the weights ------------------------------------------------------------------------------------------

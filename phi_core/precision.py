@@ -58,7 +58,7 @@ class Precision:
             )
         elif self.rounded_activations() is not None:
             rounded = dtype_name(self.rounded_activations())
-            text = f"{self.weights} weights (activations rounded to {rounded} per product), {compute} compute"
+            text = f"{self.weights} weights (prompts' activations rounded to {rounded}), {compute} compute"
         else:
             text = f"{self.weights} weights, {compute} compute"
         if self.choice is not None and (fmt != "dense" or self.choice.few != "torch"):
@@ -75,8 +75,8 @@ class Precision:
         return f"{self.choice.few} up to {self.choice.few_rows} rows, {self.choice.many} beyond"
 
     def rounded_activations(self) -> torch.dtype | None:
-        """The dtype the products round their float32 activations to, if they do (see
-        :func:`phi_core.kernels.rounded_activations`)."""
+        """The dtype the products of prompts (``kernels.ROUNDED_ROWS`` rows or more) round their float32 activations
+        to, if they do (see :func:`phi_core.kernels.rounded_activations`)."""
         kind = {"rows-bf16": "bf16", "rows-f16": "f16"}.get(self.weight_format)
         if self.choice is None or kind is None:
             return None

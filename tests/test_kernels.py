@@ -83,10 +83,12 @@ def test_faked_capability_picks_that_levels_kernels(monkeypatch, level):
     precision = choose_precision("bfloat16", "cpu")
     assert precision.weight_format == "rows-bf16" and precision.describe().endswith(f"; phi {level} bf16")
     # Only AVX-512 BF16's product rounds bfloat16 weights' activations (to bfloat16), AVX-512's round float16
-    # weights' (to float16); --stats says so.
+    # weights' (to float16), and only for prompts; --stats says so.
     assert ("activations rounded to bfloat16" in precision.describe()) == (level == "avx512bf16")
     float16 = choose_precision("float16", "cpu").describe()
     assert ("activations rounded to float16" in float16) == level.startswith("avx512")
+    for kind in ("bf16", "f16"):
+        assert kernels.rounded_activations(kind, level, kernels.ROUNDED_ROWS - 1) is None
     layer = PhiLinear(2048, 1024)
     layer.pack("tiles-int4")
     assert layer.kernels is kernels.library(level) and layer.kernels.level == level
@@ -254,7 +256,7 @@ def quantized_activations(x: torch.Tensor, in_features_padded: int) -> torch.Ten
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, kernels.ROUNDED_ROWS + 3])
 # (21, 2100): more inputs than one block of the many-row products (1024 and 2048), and a tail after them.
 @pytest.mark.parametrize(("out_features", "in_features"), [(1, 7), (16, 32), (37, 70), (50, 256), (21, 2100)])
 def test_kernels_against_float64(kind, rows, out_features, in_features):
@@ -270,14 +272,14 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
             padded = -(-in_features // group) * group
             seen = quantized_activations(x, padded)[:, :in_features]
         else:
-            seen = x.to(kernels.rounded_activations(kind, level) or x.dtype).double()
+            seen = x.to(kernels.rounded_activations(kind, level, rows) or x.dtype).double()
         expected = seen @ exact.double().T + bias.double()
         got = kernels.library(level).linear(kind, x, packed, bias, out_features, group).double()
         scale = expected.abs().max() + 1
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
 
 
-@pytest.mark.parametrize("rows", [1, 11])
+@pytest.mark.parametrize("rows", [1, 11, kernels.ROUNDED_ROWS + 3])
 def test_float16_products_leave_activations_beyond_float16_unrounded(rows):
     """A call with an activation float16 cannot hold multiplies the float32 activations as they are (no infinity)."""
     if not COMPILED:
@@ -316,14 +318,15 @@ def test_packed_layers_multiply_like_their_weights(monkeypatch, weight_format):
         layer = PhiLinear(96, 40, bias=bias)
         layer.pack(weight_format)
         exact = layer.unpacked_rows(0, 40).double()
-        for shape in ((96,), (1, 1, 96), (2, 5, 96), (40, 96)):
+        for shape in ((96,), (1, 1, 96), (2, 5, 96), (40, 96), (2, 70, 96)):  # 140 rows: a prompt's products
             x = torch.randn(shape)
             flat = x.reshape(-1, 96)
             if weight_format.startswith("tiles") and flat.shape[0] <= layer.few_rows:
                 flat_seen = quantized_activations(flat, -(-96 // layer.group) * layer.group)[:, :96]
             elif weight_format in ("rows-bf16", "rows-f16"):
                 kind = weight_format.removeprefix("rows-")
-                flat_seen = flat.to(kernels.rounded_activations(kind, layer.kernels.level) or flat.dtype).double()
+                rounded = kernels.rounded_activations(kind, layer.kernels.level, flat.shape[0])
+                flat_seen = flat.to(rounded or flat.dtype).double()
             else:
                 flat_seen = flat.double()
             expected = flat_seen @ exact.T + (layer.bias.double() if bias else 0)

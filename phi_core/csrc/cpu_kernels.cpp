@@ -9,11 +9,15 @@
 // The integer formats quantize the activations of each call to int8 in blocks of 32 values (scale per block,
 // as llama.cpp's q8_0) and multiply with integer dot products; per block the int32 sums become float.
 //
-//   f16 with AVX-512: the activations are rounded to float16 once per call (both operands float16 in memory for
-//       many rows; see f16_product), unless one is beyond float16's range.
-//   bf16 on a CPU with AVX-512 BF16: the activations are rounded to bfloat16 once per call and multiplied with
-//       the BF16 dot-product instruction (pairs of bfloat16 products summed into float32): twice the multiplies of a
-//       float32 FMA per instruction and no widening of the weights, which is what makes prefill faster.
+// Products of ROUNDED_ROWS activation rows or more (prompts) round the activations once per call:
+//   f16 with AVX-512: to float16, both operands float16 in memory (see f16_many), unless one is beyond float16's
+//       range.
+//   bf16 on a CPU with AVX-512 BF16: to bfloat16, multiplied with the BF16 dot-product instruction (pairs of
+//       bfloat16 products summed into float32): twice the multiplies of a float32 FMA per instruction and no
+//       widening of the weights.
+// Fewer rows (decoding, checking proposed tokens, batches) keep float32 activations: rounding would turn the
+// float32-noise differences between a one-row step and a several-row check into differences of a rounding step,
+// and a greedy near-tie could then go another way with speculative decoding than without.
 //
 // Compiled per level by phi_core/kernels.py: AVX2 + FMA + F16C; AVX-512 with VNNI; the same with AVX-512 BF16.
 // Threads: OpenMP, which resolves to the libgomp torch has loaded (one thread pool for torch and these kernels).
@@ -43,8 +47,9 @@
 
 namespace {
 
-constexpr int64_t QBLOCK = 32;  // activation quantization block
-constexpr int64_t TILE = 16;    // output rows per tile of the integer formats
+constexpr int64_t QBLOCK = 32;         // activation quantization block
+constexpr int64_t TILE = 16;           // output rows per tile of the integer formats
+constexpr int64_t ROUNDED_ROWS = 128;  // products of this many rows or more round 16-bit weights' activations
 
 inline int32_t load_i32(const void* p) {
     int32_t v;
@@ -341,46 +346,29 @@ void float_product(const float* x, int64_t M, int64_t K, const typename L::T* w,
 
 #if PHI_AVX512
 // ---------------------------------------------------------------------------------------------------------------
-// float16 weights times activations rounded to float16 (as llama.cpp's f16 products do). Many rows (prefill): both
-// operands held as float16, widened in registers, tiles of 4 weight rows x 6 activation rows over the whole of k;
-// half the bytes of float32 activations keep a tile's operands in L1 (measured 1.0-1.17x the float32-activation
-// kernel on a Zen 5). Few rows: the float32 kernel on the rounded values, so every row count computes alike.
+// float16 weights times activations rounded to float16 (as llama.cpp's f16 products do), for many rows (prompts):
+// both operands held as float16, widened in registers, tiles of 4 weight rows x 6 activation rows over the whole of
+// k; half the bytes of float32 activations keep a tile's operands in cache (measured 1.0-1.17x the float32-activation
+// kernel on a Zen 5).
 // ---------------------------------------------------------------------------------------------------------------
 constexpr float FLOAT16_MAX = 65504.0f;
 
-// x (M, K) rounded to float16, as float16 (`half`, M * K) and back as float32 (`rounded`, only when `widen`); false
-// if a finite value is beyond float16's range (the caller then multiplies the float32 activations as they are).
-bool round_to_f16(const float* x, int64_t M, int64_t K, bool widen, const uint16_t** half, const float** rounded) {
+// x (M, K) rounded to float16 into a per-thread scratch; null if a finite value is beyond float16's range (the
+// caller then multiplies the float32 activations as they are).
+const uint16_t* round_to_f16(const float* x, int64_t M, int64_t K) {
     thread_local std::vector<uint16_t> halves;
-    thread_local std::vector<float> widened;
     std::vector<uint16_t>& h = halves;
-    std::vector<float>& f = widened;
     if ((int64_t)h.size() < M * K) h.resize(M * K);
-    if (widen && (int64_t)f.size() < M * K) f.resize(M * K);
     __m512 largest = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= M * K; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        // the largest finite magnitude (infinities and NaN pass through rounding as themselves)
-        const __mmask16 finite = ~_mm512_fpclass_ps_mask(v, 0x99);
-        largest = _mm512_mask_max_ps(largest, finite, largest, _mm512_abs_ps(v));
-        const __m256i r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm256_storeu_si256((__m256i*)(h.data() + i), r);
-        if (widen) _mm512_storeu_ps(f.data() + i, _mm512_cvtph_ps(r));
-    }
-    if (i < M * K) {
-        const __mmask16 mask = (__mmask16)((1u << (M * K - i)) - 1);
+    for (int64_t i = 0; i < M * K; i += 16) {
+        const __mmask16 mask = M * K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (M * K - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+        // the largest finite magnitude (infinities and NaN pass through rounding as themselves)
         const __mmask16 finite = ~_mm512_fpclass_ps_mask(v, 0x99) & mask;
         largest = _mm512_mask_max_ps(largest, finite, largest, _mm512_abs_ps(v));
-        const __m256i r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm256_mask_storeu_epi16(h.data() + i, mask, r);
-        if (widen) _mm512_mask_storeu_ps(f.data() + i, mask, _mm512_cvtph_ps(r));
+        _mm256_mask_storeu_epi16(h.data() + i, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
-    if (_mm512_reduce_max_ps(largest) > FLOAT16_MAX) return false;
-    *half = h.data();
-    *rounded = f.data();
-    return true;
+    return _mm512_reduce_max_ps(largest) > FLOAT16_MAX ? nullptr : h.data();
 }
 
 inline __m512 f16_load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
@@ -460,16 +448,11 @@ void f16_many(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_
 
 void f16_product(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias, float* y,
                  int nthreads) {
-    const uint16_t* half = nullptr;
-    const float* rounded = nullptr;
-    constexpr int64_t FEW = 8;  // up to this many rows, the float32 kernel (decoding, checking proposed tokens)
-    if (!round_to_f16(x, M, K, M <= FEW, &half, &rounded)) {
-        float_product<F16>(x, M, K, w, N, bias, y, nthreads);
-    } else if (M <= FEW) {
-        float_product<F16>(rounded, M, K, w, N, bias, y, nthreads);
-    } else {
+    const uint16_t* half = M >= ROUNDED_ROWS ? round_to_f16(x, M, K) : nullptr;
+    if (half)
         f16_many(w, half, M, K, N, bias, y, nthreads);
-    }
+    else
+        float_product<F16>(x, M, K, w, N, bias, y, nthreads);
 }
 #endif
 
@@ -505,25 +488,6 @@ inline __m512bh dot_weights_tail(const uint16_t* p, int64_t n) {
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
 }
 inline __m512bh dot_activations(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
-
-// One weight row times one activation row, U registers along k at a time: one sequential stream (decoding).
-template <int U>
-inline float dot_row(const uint16_t* x, int64_t K, const uint16_t* row) {
-    __m512 acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
-    constexpr int64_t STEP = U * BF16_STEP;
-    int64_t k = 0;
-    for (; k + STEP <= K; k += STEP) {
-        for (int line = 0; line < U; ++line) _mm_prefetch((const char*)(row + k + line * 32) + PREFETCH, _MM_HINT_T0);
-        for (int u = 0; u < U; ++u)
-            acc[u] = _mm512_dpbf16_ps(acc[u], dot_weights(row + k + u * BF16_STEP), dot_activations(x + k + u * BF16_STEP));
-    }
-    for (; k + BF16_STEP <= K; k += BF16_STEP)
-        acc[0] = _mm512_dpbf16_ps(acc[0], dot_weights(row + k), dot_activations(x + k));
-    if (k < K) acc[0] = _mm512_dpbf16_ps(acc[0], dot_weights_tail(row + k, K - k), dot_activations(x + k));
-    for (int u = 1; u < U; ++u) acc[0] = _mm512_add_ps(acc[0], acc[u]);
-    return _mm512_reduce_add_ps(acc[0]);
-}
 
 // R weight rows times MC activation rows over inputs [k0, k1), added to y: as float_block.
 template <int R, int MC>
@@ -565,13 +529,13 @@ inline void dot_rest(const uint16_t* x, int64_t Kp, int64_t K, int64_t k0, int64
     }
 }
 
-// Rows [n0, n1) for all M activation rows, blocked as float_rows. Six activation rows per block when there are
-// many (prefill: 24 sums, measured 1.1x four rows' on a Zen 5) and inputs in blocks of 2048 (fewer horizontal sums).
+// Rows [n0, n1) for all M activation rows, blocked as float_rows' many-row order: MC = 6 activation rows stay in L1
+// across a batch of weight rows in L2 (24 sums, measured 1.1x four rows' on a Zen 5); inputs in blocks of 2048
+// (fewer horizontal sums).
 constexpr int64_t DOT_KBLOCK = 2048;
-template <int MC>
 void dot_rows(const uint16_t* x, int64_t M, int64_t Kp, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
               int64_t N, const float* bias, float* y) {
-    constexpr int R = 4;
+    constexpr int R = 4, MC = 6;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
     const int64_t batch = std::max<int64_t>(R, (256 << 10) / (std::min(K, DOT_KBLOCK) * 2) / R * R);
@@ -580,19 +544,11 @@ void dot_rows(const uint16_t* x, int64_t M, int64_t Kp, int64_t K, const uint16_
         const int64_t ne = std::min(n1, nb + batch), whole = nb + (ne - nb) / R * R;
         for (int64_t k0 = 0; k0 < K; k0 += DOT_KBLOCK) {
             const int64_t k1 = std::min(K, k0 + DOT_KBLOCK);
-            if (M <= 2 * MC) {
-                for (int64_t n = nb; n < whole; n += R) {
-                    for (int64_t m = 0; m < full; m += MC)
-                        dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
-                    dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
-                }
-            } else {
-                for (int64_t m = 0; m < full; m += MC)
-                    for (int64_t n = nb; n < whole; n += R)
-                        dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
+            for (int64_t m = 0; m < full; m += MC)
                 for (int64_t n = nb; n < whole; n += R)
-                    dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
-            }
+                    dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
+            for (int64_t n = nb; n < whole; n += R)
+                dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
             for (int64_t n = whole; n < ne; ++n)
                 for (int64_t m = 0; m < M; ++m)
                     dot_block<1, 1>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
@@ -607,16 +563,7 @@ void bf16_dot_product(const float* x, int64_t M, int64_t K, const uint16_t* w, i
     int64_t unit;
     const int64_t units = unit_count(N, K * 2, M, 4, unit);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1 && units > 1)
-    for (int64_t u = 0; u < units; ++u) {
-        const int64_t n0 = u * unit, n1 = std::min(N, (u + 1) * unit);
-        if (M == 1) {
-            for (int64_t n = n0; n < n1; ++n) y[n] = dot_row<4>(xb, K, w + n * K) + (bias ? bias[n] : 0.0f);
-        } else if (M <= 8) {
-            dot_rows<4>(xb, M, Kp, K, w, n0, n1, N, bias, y);
-        } else {
-            dot_rows<6>(xb, M, Kp, K, w, n0, n1, N, bias, y);
-        }
-    }
+    for (int64_t u = 0; u < units; ++u) dot_rows(xb, M, Kp, K, w, u * unit, std::min(N, (u + 1) * unit), N, bias, y);
 }
 #endif
 
@@ -888,7 +835,12 @@ int phi_kernels_level() { return PHI_LEVEL; }
 
 PHI_PRODUCT(phi_linear_f32) { float_product<F32>(x, M, K, (const float*)w, N, bias, y, nthreads); }
 #if PHI_BF16_DOT
-PHI_PRODUCT(phi_linear_bf16) { bf16_dot_product(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
+PHI_PRODUCT(phi_linear_bf16) {
+    if (M >= ROUNDED_ROWS)
+        bf16_dot_product(x, M, K, (const uint16_t*)w, N, bias, y, nthreads);
+    else
+        float_product<BF16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads);
+}
 #else
 PHI_PRODUCT(phi_linear_bf16) { float_product<BF16>(x, M, K, (const uint16_t*)w, N, bias, y, nthreads); }
 #endif
