@@ -79,7 +79,7 @@ def run_phi(
             stderr=streams.child_stderr,
             env=_environment(env),
             start_new_session=True,  # its own process group, so a timeout can kill everything it started
-            preexec_fn=_close_stdout if stdout == "closed" else None,
+            preexec_fn=_close_stdout if stdout == "closed" else _as_from_a_terminal,
         )
     finally:
         streams.close_child_ends()
@@ -108,7 +108,16 @@ def _environment(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _as_from_a_terminal() -> None:
+    """Runs in the child just before exec: the ending signals at their defaults, as a shell in a terminal starts a
+    command. Under `nohup` (a test run started so) SIGHUP would arrive ignored, and phi keeps an ignored signal
+    ignored, by design."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _close_stdout() -> None:
+    _as_from_a_terminal()
     os.close(1)  # runs in the child just before exec: `phi ... >&-`
 
 

@@ -138,7 +138,7 @@ def test_sigterm_and_sighup_during_convert_leave_no_partial_folder(lm_checkpoint
         return any(tmp_path.glob(f".{output.name}.*.partial"))
 
     result = run_phi(
-        ["convert", str(lm_checkpoint), str(output), "--max-shard-size", "100KB", "--verify"],
+        ["convert", str(lm_checkpoint), str(output), "--max-shard-size", "1MB", "--verify"],
         send=Signal(signum, staging_started),
     )
     assert result.returncode == 128 + signum, result.stderr
