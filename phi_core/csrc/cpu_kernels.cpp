@@ -296,6 +296,24 @@ void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, in
     constexpr int MC = 4, R = VW == 16 ? 4 : 2;  // R * MC accumulators, R + MC operands: within the registers
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
+#if PHI_AVX512
+    if (M == 8) {
+        // eight rows (a full batch of decoding): 2 weight rows x 8 activation rows, so each weight vector is widened
+        // once for all eight instead of once per four (the same sums in the same order as the 4 x 4 blocks)
+        const int64_t rows = std::max<int64_t>(2, (256 << 10) / (std::min(K, KBLOCK) * (int64_t)sizeof(typename L::T)) / 2 * 2);
+        for (int64_t nb = n0; nb < n1; nb += rows) {
+            const int64_t ne = std::min(n1, nb + rows), pairs = nb + (ne - nb) / 2 * 2;
+            for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
+                const int64_t k1 = std::min(K, k0 + KBLOCK);
+                for (int64_t n = nb; n < pairs; n += 2) float_block<L, 2, 8>(x, K, k0, k1, w + n * K, y + n, N);
+                for (int64_t n = pairs; n < ne; ++n)
+                    for (int64_t m = 0; m < M; ++m)
+                        float_block<L, 1, 1>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+            }
+        }
+        return;
+    }
+#endif
     const int64_t width = std::min(K, KBLOCK) * (int64_t)sizeof(typename L::T);
     const int64_t batch = std::max<int64_t>(R, (256 << 10) / width / R * R);
     const int64_t full = M - M % MC, rest = M % MC;
