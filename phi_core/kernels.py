@@ -134,32 +134,35 @@ class Choice:
         return f"{self.storage}: {self.few} up to {self.few_rows} rows, {self.many} beyond"
 
 
+# The compiled product that multiplies each of phi_core's own storage formats (phi_core.linear's names).
+KIND_OF_STORAGE = {"dense": "f32", "rows-bf16": "bf16", "rows-f16": "f16", "tiles-int8": "q8", "tiles-int4": "q4"}
+_OWN_STORAGE = {
+    "float32": "dense",
+    "bfloat16": "rows-bf16",
+    "float16": "rows-f16",
+    "int8": "tiles-int8",
+    "int4": "tiles-int4",
+}
+
+
+def _own_products(level: Level) -> dict[str, Choice]:
+    """A level whose own products serve every weight size at every row count."""
+    choices = {}
+    for weights, storage in _OWN_STORAGE.items():
+        name = f"phi {level} {KIND_OF_STORAGE[storage]}"
+        choices[weights] = Choice(storage, name, name, 1 << 30)
+    return choices
+
+
 # Measured on an AMD EPYC Zen 5 (family 26, 2 cores, AVX-512 with VNNI and BF16), torch 2.13: see
 # docs/performance.md and benchmarks/linear_layout.py, which repeats the measurements.
 CHOICES: dict[Level, dict[str, Choice]] = {
     # bfloat16: prompts' activations rounded to bfloat16 for AVX-512 BF16 dot products (prefill of 512 tokens
     # 1.5x the float32-FMA product's speed here); see rounded_activations.
-    "avx512bf16": {
-        "float32": Choice("dense", "phi avx512bf16 f32", "phi avx512bf16 f32", 1 << 30),
-        "bfloat16": Choice("rows-bf16", "phi avx512bf16 bf16", "phi avx512bf16 bf16", 1 << 30),
-        "float16": Choice("rows-f16", "phi avx512bf16 f16", "phi avx512bf16 f16", 1 << 30),
-        "int8": Choice("tiles-int8", "phi avx512bf16 q8", "phi avx512bf16 q8", 1 << 30),
-        "int4": Choice("tiles-int4", "phi avx512bf16 q4", "phi avx512bf16 q4", 1 << 30),
-    },
-    "avx512": {
-        "float32": Choice("dense", "phi avx512 f32", "phi avx512 f32", 1 << 30),
-        "bfloat16": Choice("rows-bf16", "phi avx512 bf16", "phi avx512 bf16", 1 << 30),
-        "float16": Choice("rows-f16", "phi avx512 f16", "phi avx512 f16", 1 << 30),
-        "int8": Choice("tiles-int8", "phi avx512 q8", "phi avx512 q8", 1 << 30),
-        "int4": Choice("tiles-int4", "phi avx512 q4", "phi avx512 q4", 1 << 30),
-    },
-    "avx2": {
-        "float32": Choice("dense", "phi avx2 f32", "torch mkl", 16),
-        "bfloat16": Choice("rows-bf16", "phi avx2 bf16", "phi avx2 bf16", 1 << 30),
-        "float16": Choice("rows-f16", "phi avx2 f16", "phi avx2 f16", 1 << 30),
-        "int8": Choice("tiles-int8", "phi avx2 q8", "phi avx2 q8", 1 << 30),
-        "int4": Choice("tiles-int4", "phi avx2 q4", "phi avx2 q4", 1 << 30),
-    },
+    "avx512bf16": _own_products("avx512bf16"),
+    "avx512": _own_products("avx512"),
+    # float32 beyond 16 rows: MKL's product measured faster than phi's AVX2 one
+    "avx2": {**_own_products("avx2"), "float32": Choice("dense", "phi avx2 f32", "torch mkl", 16)},
 }
 # Without compiled kernels: torch's own products (fbgemm's where this torch has it).
 FALLBACK: dict[str, Choice] = {

@@ -52,8 +52,6 @@ WEIGHT_FORMATS: tuple[WeightFormat, ...] = (
     "fbgemm-fp16",
     "fbgemm-int8",
 )
-# The compiled kernel of each format phi_core's kernels serve.
-KERNEL_KINDS = {"dense": "f32", "rows-bf16": "bf16", "rows-f16": "f16", "tiles-int8": "q8", "tiles-int4": "q4"}
 # int4: inputs per float16 scale (see docs/performance.md for the quality and speed of 32, 64 and 128).
 INT4_GROUP = 64
 
@@ -104,7 +102,7 @@ class PhiLinear(DirectCall, nn.Linear):
         # is_cpu: a dense model moved to a GPU after loading must not hand GPU memory to the compiled products.
         if kernels is not None and x.numel() <= self.few_rows * self.in_features and x.is_cpu:
             return kernels.linear(
-                KERNEL_KINDS[self.weight_format],
+                compiled.KIND_OF_STORAGE[self.weight_format],
                 x,
                 self.packed or (self.weight,),
                 self.bias,

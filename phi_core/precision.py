@@ -77,10 +77,9 @@ class Precision:
     def rounded_activations(self) -> torch.dtype | None:
         """The dtype the products of prompts (``kernels.ROUNDED_ROWS`` rows or more) round their float32 activations
         to, if they do (see :func:`phi_core.kernels.rounded_activations`)."""
-        kind = {"rows-bf16": "bf16", "rows-f16": "f16"}.get(self.weight_format)
-        if self.choice is None or kind is None:
+        if self.choice is None or self.weight_format not in compiled.KIND_OF_STORAGE:
             return None
-        return compiled.rounded_activations(kind, compiled.cpu_info().level)
+        return compiled.rounded_activations(compiled.KIND_OF_STORAGE[self.weight_format], compiled.cpu_info().level)
 
     def kernels(self) -> dict[str, object]:
         """What ``--json`` reports: the weights, their storage, the products for few and many rows, the CPU."""

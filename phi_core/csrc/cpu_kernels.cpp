@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -55,6 +56,16 @@ inline int32_t load_i32(const void* p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+// f(std::integral_constant<int, rows>) for a run-time 0 < rows < LIMIT (nothing for other counts): the rows left
+// over after a block's whole tiles, handed to a kernel whose row count is a template argument.
+template <int LIMIT, int ROWS = 1, class F>
+inline void with_rows(int64_t rows, F&& f) {
+    if constexpr (ROWS < LIMIT) {
+        if (rows == ROWS) return f(std::integral_constant<int, ROWS>{});
+        with_rows<LIMIT, ROWS + 1>(rows, std::forward<F>(f));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -272,15 +283,6 @@ inline void float_block(const float* x, int64_t K, int64_t k0, int64_t k1, const
         for (int m = 0; m < MC; ++m) y[m * N + r] += vsum(acc[r][m]);
 }
 
-// The last M % MC (< MC) activation rows of a block.
-template <class L, int R>
-inline void float_rest(const float* x, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y, int64_t N,
-                       int64_t rest) {
-    if (rest == 1) float_block<L, R, 1>(x, K, k0, k1, w, y, N);
-    if (rest == 2) float_block<L, R, 2>(x, K, k0, k1, w, y, N);
-    if (rest == 3) float_block<L, R, 3>(x, K, k0, k1, w, y, N);
-}
-
 // Rows [n0, n1) for all M activation rows. One row (decoding): one weight row at a time, a single sequential pass.
 // More (batched decoding, prefill): rows in L2-sized batches, inputs in blocks of KBLOCK; R weight rows of one input
 // block are multiplied with every chunk of MC activation rows while they sit in L1, so the weights stream from
@@ -326,7 +328,9 @@ void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, in
                 for (int64_t n = nb; n < whole; n += R) {
                     for (int64_t m = 0; m < full; m += MC)
                         float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
-                    float_rest<L, R>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+                    with_rows<MC>(rest, [&](auto rows) {
+                        float_block<L, R, decltype(rows)::value>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N);
+                    });
                 }
             } else {
                 // prefill: MC activation rows stay in L1 across the batch of weight rows (which stays in L2)
@@ -334,7 +338,9 @@ void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, in
                     for (int64_t n = nb; n < whole; n += R)
                         float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
                 for (int64_t n = nb; n < whole; n += R)
-                    float_rest<L, R>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+                    with_rows<MC>(rest, [&](auto rows) {
+                        float_block<L, R, decltype(rows)::value>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N);
+                    });
             }
             for (int64_t n = whole; n < ne; ++n)
                 for (int64_t m = 0; m < M; ++m)
@@ -373,20 +379,27 @@ constexpr float FLOAT16_MAX = 65504.0f;
 
 // x (M, K) rounded to float16 into a per-thread scratch; null if a finite value is beyond float16's range (the
 // caller then multiplies the float32 activations as they are).
-const uint16_t* round_to_f16(const float* x, int64_t M, int64_t K) {
+const uint16_t* round_to_f16(const float* x, int64_t M, int64_t K, int nthreads) {
     thread_local std::vector<uint16_t> halves;
-    std::vector<uint16_t>& h = halves;
+    std::vector<uint16_t>& h = halves;  // the caller's: inside the parallel loop `halves` would name each thread's own
     if ((int64_t)h.size() < M * K) h.resize(M * K);
-    __m512 largest = _mm512_setzero_ps();
-    for (int64_t i = 0; i < M * K; i += 16) {
-        const __mmask16 mask = M * K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (M * K - i)) - 1);
-        const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-        // the largest finite magnitude (infinities and NaN pass through rounding as themselves)
-        const __mmask16 finite = ~_mm512_fpclass_ps_mask(v, 0x99) & mask;
-        largest = _mm512_mask_max_ps(largest, finite, largest, _mm512_abs_ps(v));
-        _mm256_mask_storeu_epi16(h.data() + i, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    uint16_t* out = h.data();
+    float largest = 0.0f;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max : largest)
+    for (int64_t m = 0; m < M; ++m) {
+        __m512 row_largest = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+            // the largest finite magnitude (infinities and NaN pass through rounding as themselves)
+            const __mmask16 finite = ~_mm512_fpclass_ps_mask(v, 0x99) & mask;
+            row_largest = _mm512_mask_max_ps(row_largest, finite, row_largest, _mm512_abs_ps(v));
+            _mm256_mask_storeu_epi16(out + m * K + k, mask,
+                                     _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        largest = std::max(largest, _mm512_reduce_max_ps(row_largest));
     }
-    return _mm512_reduce_max_ps(largest) > FLOAT16_MAX ? nullptr : h.data();
+    return largest > FLOAT16_MAX ? nullptr : out;
 }
 
 inline __m512 f16_load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
@@ -423,19 +436,6 @@ inline void f16_tile(const uint16_t* w, const uint16_t* x, int64_t K, int64_t n0
             y[(m0 + j) * N + n0 + i] = _mm512_reduce_add_ps(acc[j][i]) + (bias ? bias[n0 + i] : 0.0f);
 }
 
-template <int RM>
-inline void f16_tile_rest(const uint16_t* w, const uint16_t* x, int64_t K, int64_t n0, int64_t m0, int64_t rows,
-                          const float* bias, float* y, int64_t N) {
-    switch (rows) {
-        case 1: return f16_tile<RM, 1>(w, x, K, n0, m0, bias, y, N);
-        case 2: return f16_tile<RM, 2>(w, x, K, n0, m0, bias, y, N);
-        case 3: return f16_tile<RM, 3>(w, x, K, n0, m0, bias, y, N);
-        case 4: return f16_tile<RM, 4>(w, x, K, n0, m0, bias, y, N);
-        case 5: return f16_tile<RM, 5>(w, x, K, n0, m0, bias, y, N);
-        default: return;
-    }
-}
-
 // Weight rows [n0, n1) times activation rows [m0, m1): 4 x 6 tiles, then the rows left over.
 void f16_block(const uint16_t* w, const uint16_t* x, int64_t K, int64_t n0, int64_t n1, int64_t m0, int64_t m1,
                const float* bias, float* y, int64_t N) {
@@ -443,11 +443,11 @@ void f16_block(const uint16_t* w, const uint16_t* x, int64_t K, int64_t n0, int6
     const int64_t n_whole = n0 + (n1 - n0) / RM * RM, m_whole = m0 + (m1 - m0) / RN * RN;
     for (int64_t n = n0; n < n_whole; n += RM) {
         for (int64_t m = m0; m < m_whole; m += RN) f16_tile<RM, RN>(w, x, K, n, m, bias, y, N);
-        f16_tile_rest<RM>(w, x, K, n, m_whole, m1 - m_whole, bias, y, N);
+        with_rows<RN>(m1 - m_whole, [&](auto rows) { f16_tile<RM, decltype(rows)::value>(w, x, K, n, m_whole, bias, y, N); });
     }
     for (int64_t n = n_whole; n < n1; ++n) {
         for (int64_t m = m0; m < m_whole; m += RN) f16_tile<1, RN>(w, x, K, n, m, bias, y, N);
-        f16_tile_rest<1>(w, x, K, n, m_whole, m1 - m_whole, bias, y, N);
+        with_rows<RN>(m1 - m_whole, [&](auto rows) { f16_tile<1, decltype(rows)::value>(w, x, K, n, m_whole, bias, y, N); });
     }
 }
 
@@ -466,7 +466,7 @@ void f16_many(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_
 
 void f16_product(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias, float* y,
                  int nthreads) {
-    const uint16_t* half = M >= ROUNDED_ROWS ? round_to_f16(x, M, K) : nullptr;
+    const uint16_t* half = M >= ROUNDED_ROWS ? round_to_f16(x, M, K, nthreads) : nullptr;
     if (half)
         f16_many(w, half, M, K, N, bias, y, nthreads);
     else
@@ -534,19 +534,6 @@ inline void dot_block(const uint16_t* x, int64_t Kp, int64_t K, int64_t k0, int6
         for (int m = 0; m < MC; ++m) y[m * N + r] += _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int R>
-inline void dot_rest(const uint16_t* x, int64_t Kp, int64_t K, int64_t k0, int64_t k1, const uint16_t* w, float* y,
-                     int64_t N, int64_t rest) {
-    switch (rest) {
-        case 1: return dot_block<R, 1>(x, Kp, K, k0, k1, w, y, N);
-        case 2: return dot_block<R, 2>(x, Kp, K, k0, k1, w, y, N);
-        case 3: return dot_block<R, 3>(x, Kp, K, k0, k1, w, y, N);
-        case 4: return dot_block<R, 4>(x, Kp, K, k0, k1, w, y, N);
-        case 5: return dot_block<R, 5>(x, Kp, K, k0, k1, w, y, N);
-        default: return;
-    }
-}
-
 // Rows [n0, n1) for all M activation rows, blocked as float_rows' many-row order: MC = 6 activation rows stay in L1
 // across a batch of weight rows in L2 (24 sums, measured 1.1x four rows' on a Zen 5); inputs in blocks of 2048
 // (fewer horizontal sums).
@@ -566,7 +553,9 @@ void dot_rows(const uint16_t* x, int64_t M, int64_t Kp, int64_t K, const uint16_
                 for (int64_t n = nb; n < whole; n += R)
                     dot_block<R, MC>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
             for (int64_t n = nb; n < whole; n += R)
-                dot_rest<R>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N, rest);
+                with_rows<MC>(rest, [&](auto rows) {
+                    dot_block<R, decltype(rows)::value>(x + full * Kp, Kp, K, k0, k1, w + n * K, y + full * N + n, N);
+                });
             for (int64_t n = whole; n < ne; ++n)
                 for (int64_t m = 0; m < M; ++m)
                     dot_block<1, 1>(x + m * Kp, Kp, K, k0, k1, w + n * K, y + m * N + n, N);
@@ -794,23 +783,6 @@ inline void int_tile(const IntArgs& p, int64_t tile, int64_t m0) {
         q8_tile<MC>(p, tile, m0);
 }
 
-// Tiles [t0, t1) times activation rows [m0, m0 + rows), rows < INT_MC.
-template <bool Q4>
-void int_rest(const IntArgs& p, int64_t tile, int64_t m0, int64_t rows) {
-    switch (rows) {
-        case 1: return int_tile<Q4, 1>(p, tile, m0);
-        case 2: return int_tile<Q4, 2>(p, tile, m0);
-        case 3: return int_tile<Q4, 3>(p, tile, m0);
-#if PHI_AVX512
-        case 4: return int_tile<Q4, 4>(p, tile, m0);
-        case 5: return int_tile<Q4, 5>(p, tile, m0);
-        case 6: return int_tile<Q4, 6>(p, tile, m0);
-        case 7: return int_tile<Q4, 7>(p, tile, m0);
-#endif
-        default: return;
-    }
-}
-
 // All rows m of tiles [t0, t1): tiles in L2-sized batches, each batch swept once per chunk of INT_MC rows, so a
 // chunk's activations stay in L1 while the batch's weights stay in L2 (decoding, M <= INT_MC: one pass).
 template <bool Q4>
@@ -822,7 +794,7 @@ void int_tiles(const IntArgs& p, int64_t M, int64_t t0, int64_t t1, int64_t tile
         for (; m + INT_MC <= M; m += INT_MC)
             for (int64_t t = tb; t < te; ++t) int_tile<Q4, INT_MC>(p, t, m);
         if (m < M)
-            for (int64_t t = tb; t < te; ++t) int_rest<Q4>(p, t, m, M - m);
+            for (int64_t t = tb; t < te; ++t) with_rows<INT_MC>(M - m, [&](auto rows) { int_tile<Q4, decltype(rows)::value>(p, t, m); });
     }
 }
 
