@@ -229,6 +229,12 @@ class Kernels:
             function.restype = None
             self.products[kind] = function
         lib.phi_kernels_level.restype = ctypes.c_int
+        lib.phi_attention.argtypes = [pointer] * 5 + [size] * 6 + [ctypes.c_float, pointer, ctypes.c_int]
+        lib.phi_attention.restype = None
+        lib.phi_gelu_tanh.argtypes = [pointer, size, ctypes.c_int]
+        lib.phi_gelu_tanh.restype = None
+        lib.phi_vector_width.restype = ctypes.c_int
+        self.vector_width = lib.phi_vector_width()
         self.lib = lib
 
     def linear(
@@ -260,6 +266,47 @@ class Kernels:
             torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], out_features)
+
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Causal attention of float32 queries (batch, heads, new, head_dim) over keys and values (batch, kv_heads,
+        total, head_dim), the queries being the last ``new`` positions; ``key_valid`` (batch, total) marks real keys
+        (a padding key is seen only by its own position). Returns (batch, new, heads * head_dim), or None where the
+        kernel does not apply (another dtype or device, strided head dimensions)."""
+        batch, heads, new, dim = q.shape
+        kv_heads, total = k.shape[1], k.shape[2]
+        if heads % kv_heads or new > total or v.shape != k.shape:
+            return None
+        if any(t.dtype != torch.float32 or t.stride(-1) != 1 or not t.is_cpu for t in (q, k, v)):
+            return None
+        if key_valid is not None:
+            if key_valid.shape != (batch, total):
+                return None
+            key_valid = key_valid.to(torch.bool).contiguous()
+        out = torch.empty(batch, new, heads * dim)
+        strides = (ctypes.c_int64 * 9)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        self.lib.phi_attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            ctypes.addressof(strides),
+            None if key_valid is None else key_valid.data_ptr(),
+            batch,
+            heads,
+            kv_heads,
+            new,
+            total,
+            dim,
+            1.0 / math.sqrt(dim),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out
+
+    def gelu_tanh_(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU's tanh form (Phi's ``gelu_new``) of a contiguous float32 tensor, in place."""
+        self.lib.phi_gelu_tanh(x.data_ptr(), x.numel(), torch.get_num_threads())
+        return x
 
 
 _status: dict[str, str] = {}

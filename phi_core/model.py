@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi_core import kernels as compiled
 from phi_core.attention import AttentionMask, attention_function, check_backend
 from phi_core.cache import KVCache
 from phi_core.config import PhiConfig
@@ -57,9 +58,14 @@ class Embedding(DirectCall, nn.Embedding):
     """nn.Embedding called without hook bookkeeping (see :class:`phi_core.linear.DirectCall`)."""
 
 
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Phi's ``gelu_new`` is the tanh approximation of GELU; plain ``gelu`` is the exact (erf) one."""
-    return F.gelu(x) if name == "gelu" else F.gelu(x, approximate="tanh")
+def activation(name: str, x: torch.Tensor, kernels: compiled.Kernels | None = None) -> torch.Tensor:
+    """Phi's ``gelu_new`` is the tanh approximation of GELU; plain ``gelu`` is the exact (erf) one. With ``kernels``,
+    the tanh form of a fresh float32 CPU tensor (fc1's output) is computed in place by the compiled kernel."""
+    if name == "gelu":
+        return F.gelu(x)
+    if kernels is not None and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+        return kernels.gelu_tanh_(x)
+    return F.gelu(x, approximate="tanh")
 
 
 class PhiAttention(DirectCall, nn.Module):
@@ -79,6 +85,8 @@ class PhiAttention(DirectCall, nn.Module):
             self.q_layernorm = LayerNorm(self.head_dim, eps=config.layer_norm_eps)
             self.k_layernorm = LayerNorm(self.head_dim, eps=config.layer_norm_eps)
         self.backend = "sdpa"
+        # phi_core's compiled attention, serving the sdpa backend on a CPU where it applies (see use_cpu_kernels)
+        self.kernels: compiled.Kernels | None = None
 
     def fuse_projections(self) -> None:
         """Replace q_proj, k_proj and v_proj by one ``qkv_proj`` holding the three matrices stacked (for inference).
@@ -103,7 +111,8 @@ class PhiAttention(DirectCall, nn.Module):
         q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(x, rotary))  # to (batch, heads, new, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        return self.dense(attention_function(self.backend)(q, k, v, mask))
+        out = None if self.kernels is None else self.kernels.attention(q, k, v, mask.key_valid)
+        return self.dense(attention_function(self.backend)(q, k, v, mask) if out is None else out)
 
     def _rotated_qkv(self, x: torch.Tensor, rotary: Rotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim)."""
@@ -131,9 +140,10 @@ class PhiMLP(DirectCall, nn.Module):
         self.act = config.hidden_act
         self.fc1 = PhiLinear(config.hidden_size, config.intermediate_size)
         self.fc2 = PhiLinear(config.intermediate_size, config.hidden_size)
+        self.kernels: compiled.Kernels | None = None  # the compiled GELU, for an inference model on a CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activation(self.act, self.fc1(x)))
+        return self.fc2(activation(self.act, self.fc1(x), self.kernels))
 
 
 class PhiDecoderLayer(DirectCall, nn.Module):
@@ -226,12 +236,24 @@ class PhiPreTrained(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
         pack_linears(self, precision.weight_format, precision.round_to())
+        self.use_cpu_kernels()
 
     def set_attention_backend(self, name: str) -> None:
         """Use backend ``name`` from now on; raises if it cannot run with this model's device and dtype."""
         check_backend(name, self.device, self.compute_dtype)
         for layer in self.model.layers:
             layer.self_attn.backend = name
+        self.use_cpu_kernels()
+
+    def use_cpu_kernels(self) -> None:
+        """An inference model computing in float32 on a CPU takes attention (for the ``sdpa`` backend) and GELU
+        from phi_core's compiled kernels where they can be had; anything else keeps torch's."""
+        kernels = None
+        if self.is_prepared and self.device.type == "cpu" and self.compute_dtype == torch.float32:
+            kernels = compiled.library(compiled.cpu_info().level)
+        for layer in self.model.layers:
+            layer.self_attn.kernels = kernels if layer.self_attn.backend == "sdpa" else None
+            layer.mlp.kernels = kernels
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A KV cache on this model's device and dtype for ``batch_size`` rows of up to ``max_length`` tokens."""

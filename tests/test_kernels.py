@@ -4,6 +4,7 @@ layouts, and every product against float64 on small odd shapes (skipped where th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -279,6 +280,97 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
 
 
+def attention_in_float64(q, k, v, key_valid):
+    """Causal attention with padding keys masked (each query still sees itself), as AttentionMask.allowed says."""
+    batch, heads, new, dim = q.shape
+    total = k.shape[2]
+    k, v = (t.repeat_interleave(heads // k.shape[1], dim=1).double() for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(dim)
+    query_pos, key_pos = torch.arange(total - new, total)[:, None], torch.arange(total)[None, :]
+    allowed = (key_pos <= query_pos).expand(batch, 1, new, total)
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, None, :]) | (key_pos == query_pos)
+    probs = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+    return (probs @ v).transpose(1, 2).reshape(batch, new, heads * dim)
+
+
+# (batch, heads, kv_heads, new, total, head_dim): one decode step; a check of proposed tokens; grouped kv heads;
+# prompt pieces after a cache and from scratch, over several blocks of queries and with a ragged last one; head
+# sizes that are not a multiple of either vector width.
+ATTENTION_SHAPES = [
+    (1, 4, 4, 1, 1, 16),
+    (2, 4, 4, 1, 37, 64),
+    (1, 4, 4, 9, 30, 32),
+    (3, 8, 2, 5, 9, 8),
+    (2, 8, 2, 40, 45, 20),
+    (1, 6, 6, 70, 70, 64),
+    (2, 3, 3, 130, 200, 80),
+    (1, 2, 2, 17, 17, 12),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_against_float64(shape, padded):
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    batch, heads, kv_heads, new, total, dim = shape
+    generator = torch.Generator().manual_seed(total * dim + new)
+    q = torch.randn(batch, heads, new, dim, generator=generator) * 3  # peaked softmax rows too
+    # keys and values as a KV cache holds them: a longer buffer of which the first `total` positions are read
+    k = torch.randn(batch, kv_heads, total + 5, dim, generator=generator)[:, :, :total]
+    v = torch.randn(batch, kv_heads, total + 5, dim, generator=generator)[:, :, :total]
+    key_valid = torch.rand(batch, total, generator=generator) > 0.4 if padded else None
+    expected = attention_in_float64(q, k, v, key_valid)
+    for level in COMPILED:
+        got = kernels.library(level).attention(q, k, v, key_valid)
+        assert got is not None and got.shape == expected.shape
+        assert (got.double() - expected).abs().max() <= 2e-5, level
+
+
+def test_attention_reads_strided_queries_and_gives_each_query_the_same_result_alone():
+    """Queries as the fused projection leaves them (heads interleaved along the row), and a one-query step equals
+    that query's row in a several-query call bitwise: speculative checks then see what plain decoding sees."""
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    generator = torch.Generator().manual_seed(3)
+    projected = torch.randn(1, 9, 3, 4, 32, generator=generator)  # (batch, new, q/k/v, heads, head_dim)
+    q, k, v = (projected[:, :, part].transpose(1, 2) for part in range(3))
+    for level in COMPILED:
+        library = kernels.library(level)
+        many = library.attention(q, k, v, None)
+        assert (many.double() - attention_in_float64(q, k, v, None)).abs().max() <= 2e-5, level
+        last = library.attention(q[:, :, -1:], k, v, None)
+        assert torch.equal(last[:, 0], many[:, -1]), level
+
+
+def test_attention_declines_what_it_does_not_compute():
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    library = kernels.library(COMPILED[0])
+    q = torch.randn(1, 2, 3, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    assert library.attention(q.double(), k.double(), v.double(), None) is None
+    assert library.attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, None) is None
+    assert library.attention(q, k, v, torch.ones(2, 5, dtype=torch.bool)) is None
+
+
+def test_gelu_against_float64():
+    """Phi's gelu_new, including tails where float32's 1 + tanh(u) would cancel to zero, and non-finite inputs."""
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    generator = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(100_003, generator=generator) * 4, torch.tensor([0.0, -0.0, 12.0, -12.0, 1e30, -1e30])])
+    u = math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)
+    t = torch.exp(-2 * u.abs())  # (1 + tanh u) / 2 without cancellation: 1 / (1 + t), or t / (1 + t) for u < 0
+    expected = x.double() * torch.where(u < 0, t, torch.ones_like(t)) / (1 + t)
+    for level in COMPILED:
+        got = kernels.library(level).gelu_tanh_(x.clone()).double()
+        assert ((got - expected).abs() <= 1e-6 * (1 + expected.abs())).all(), level
+    nan = kernels.library(COMPILED[0]).gelu_tanh_(torch.tensor([math.nan, math.inf, -math.inf]))
+    assert nan[0].isnan() and nan[1] == math.inf and nan[2].isnan()  # as torch's: -inf * 0
+
+
 @pytest.mark.parametrize("rows", [1, 11, kernels.ROUNDED_ROWS + 3])
 def test_float16_products_leave_activations_beyond_float16_unrounded(rows):
     """A call with an activation float16 cannot hold multiplies the float32 activations as they are (no infinity)."""
@@ -379,3 +471,20 @@ def test_huge_page_advice_works_on_this_machine():
     tensor = kernels.empty_on_huge_pages((5 << 20,), torch.uint8)
     tensor.fill_(7)
     assert int(tensor.sum()) == 7 * (5 << 20)
+
+
+def test_inference_models_take_attention_and_gelu_from_the_kernels(make_checkpoint):
+    """Prepared for inference on a CPU: the compiled attention (sdpa backend) and GELU; eager keeps torch's
+    attention, and a model loaded for training keeps torch's everything (the kernels have no gradients)."""
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    import phi_core
+
+    _, folder = make_checkpoint()
+    model = phi_core.load_model(folder)
+    layer = model.model.layers[0]
+    assert layer.self_attn.kernels is not None and layer.mlp.kernels is not None
+    model.set_attention_backend("eager")
+    assert layer.self_attn.kernels is None and layer.mlp.kernels is not None
+    trainable = phi_core.load_model(folder, prepare=False).model.layers[0]
+    assert trainable.self_attn.kernels is None and trainable.mlp.kernels is None

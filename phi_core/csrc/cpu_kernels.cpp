@@ -811,6 +811,318 @@ void int_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const v
     for (int64_t u = 0; u < units; ++u) int_tiles<Q4>(p, M, u * unit, std::min(tiles, (u + 1) * unit), tile_bytes);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Attention (float32): softmax(q k^T * scale, causal, padded keys masked) v over a KV cache, and GELU (tanh form).
+// torch's CPU scaled_dot_product_attention reaches about 80-120 GFLOP/s on prompt pieces and costs ~40 us a call
+// when decoding; these stream the cache once per block of queries and keep the softmax in registers' lanes.
+// ---------------------------------------------------------------------------------------------------------------
+#if PHI_AVX512
+inline vfloat vset1(float a) { return _mm512_set1_ps(a); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline void vstore_tail(float* p, vfloat v, int n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
+inline float vmax_lanes(vfloat v) { return _mm512_reduce_max_ps(v); }
+// lanes below `first` set to -infinity (the queries that may not see a key yet)
+inline vfloat vmask_below(vfloat x, int64_t first) {
+    if (first <= 0) return x;
+    const __mmask16 keep = first >= VW ? 0 : (__mmask16)(0xFFFFu << first);
+    return _mm512_mask_blend_ps(keep, vset1(-INFINITY), x);
+}
+// every lane but `lane` set to -infinity (a padding key, which only its own query sees)
+inline vfloat vkeep_lane(vfloat x, int64_t lane) {
+    const __mmask16 keep = lane >= 0 && lane < VW ? (__mmask16)(1u << lane) : 0;
+    return _mm512_mask_blend_ps(keep, vset1(-INFINITY), x);
+}
+// exp(x) for x <= 0 (scores less their maximum); 0 below -86
+inline vfloat vexp_nonpositive(vfloat x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, vset1(-86.0f), _CMP_LT_OQ);
+    x = vmax(x, vset1(-86.0f));
+    const vfloat n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vfloat r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vfloat p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+#else
+inline vfloat vset1(float a) { return _mm256_set1_ps(a); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline void vstore_tail(float* p, vfloat v, int n) {
+    float buf[8];
+    _mm256_storeu_ps(buf, v);
+    memcpy(p, buf, n * sizeof(float));
+}
+inline float vmax_lanes(vfloat v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline vfloat lane_numbers() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+inline vfloat vmask_below(vfloat x, int64_t first) {
+    if (first <= 0) return x;
+    const vfloat keep = _mm256_cmp_ps(lane_numbers(), vset1((float)std::min<int64_t>(first, VW)), _CMP_GE_OQ);
+    return _mm256_blendv_ps(vset1(-INFINITY), x, keep);
+}
+inline vfloat vkeep_lane(vfloat x, int64_t lane) {
+    const vfloat keep = _mm256_cmp_ps(lane_numbers(), vset1((float)std::max<int64_t>(-1, std::min<int64_t>(lane, VW))), _CMP_EQ_OQ);
+    return _mm256_blendv_ps(vset1(-INFINITY), x, keep);
+}
+inline vfloat vexp_nonpositive(vfloat x) {
+    const vfloat kept = _mm256_cmp_ps(x, vset1(-86.0f), _CMP_GE_OQ);
+    x = vmax(x, vset1(-86.0f));
+    const vfloat n = _mm256_round_ps(vmul(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vfloat r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vfloat p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    // times 2^n: n added to the exponent (n >= -125 here, so the result stays a normal number)
+    const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    return _mm256_and_ps(_mm256_castsi256_ps(scaled), kept);
+}
+#endif
+
+struct AttentionArgs {
+    const float *q, *k, *v;
+    int64_t q_b, q_h, q_n;  // element strides of q (B, H, n, D)
+    int64_t k_b, k_h, k_t;  // of k (B, KVH, T, D)
+    int64_t v_b, v_h, v_t;  // of v (B, KVH, T, D)
+    const uint8_t* key_valid;  // (B, T): 0 marks a padding key; null: none
+    int64_t H, group, n, T, D;  // group: query heads per key/value head
+    float scale;
+    float* out;  // (B, n, H, D)
+
+    const float* q_at(int64_t b, int64_t h) const { return q + b * q_b + h * q_h; }
+    const float* k_at(int64_t b, int64_t h) const { return k + b * k_b + h / group * k_h; }
+    const float* v_at(int64_t b, int64_t h) const { return v + b * v_b + h / group * v_h; }
+    float* out_at(int64_t b, int64_t i, int64_t h) const { return out + ((b * n + i) * H + h) * D; }
+    bool key_ok(int64_t b, int64_t j) const { return !key_valid || key_valid[b * T + j]; }
+};
+
+// out rows r < R (row stride out_stride) = inverse[r] * sum over keys j < keys of p[j * ld + r] * v[j]: NV vectors
+// of the head dimension at a time, the R queries' weights broadcast from the probabilities. PARTIAL: one vector of
+// `lanes` values (the end of a head dimension that is not a multiple of the vector width).
+template <int R, int NV, bool PARTIAL = false>
+inline void weighted_values(const float* p, int64_t ld, int64_t keys, const float* v, int64_t v_t, const float* inverse,
+                            float* out, int64_t out_stride, int lanes = VW) {
+    vfloat acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int x = 0; x < NV; ++x) acc[r][x] = vzero();
+    for (int64_t j = 0; j < keys; ++j) {
+        vfloat values[NV];
+        for (int x = 0; x < NV; ++x)
+            values[x] = PARTIAL ? vload_x_tail(v + j * v_t + x * VW, lanes) : vload_x(v + j * v_t + x * VW);
+        for (int r = 0; r < R; ++r) {
+            const vfloat weight = vset1(p[j * ld + r]);
+            for (int x = 0; x < NV; ++x) acc[r][x] = vfma(weight, values[x], acc[r][x]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int x = 0; x < NV; ++x) {
+            const vfloat scaled = vmul(acc[r][x], vset1(inverse[r]));
+            if (PARTIAL)
+                vstore_tail(out + r * out_stride + x * VW, scaled, lanes);
+            else
+                vstore(out + r * out_stride + x * VW, scaled);
+        }
+}
+
+constexpr int VALUE_VECTORS = 4;  // head-dimension vectors per weighted_values call
+template <int R>
+inline void weighted_values_all(const AttentionArgs& a, const float* p, int64_t ld, int64_t keys, const float* v,
+                                const float* inverse, float* out) {
+    const int64_t vectors = a.D / VW;
+    const int lanes = (int)(a.D % VW);
+    int64_t x = 0;
+    for (; x + VALUE_VECTORS <= vectors; x += VALUE_VECTORS)
+        weighted_values<R, VALUE_VECTORS>(p, ld, keys, v + x * VW, a.v_t, inverse, out + x * VW, a.H * a.D);
+    with_rows<VALUE_VECTORS>(vectors - x, [&](auto nv) {
+        weighted_values<R, decltype(nv)::value>(p, ld, keys, v + x * VW, a.v_t, inverse, out + x * VW, a.H * a.D);
+    });
+    if (lanes)
+        weighted_values<R, 1, true>(p, ld, keys, v + vectors * VW, a.v_t, inverse, out + vectors * VW, a.H * a.D, lanes);
+}
+
+// Few queries (decoding, checks of proposed tokens): one query at a time, its scores as dot products along the
+// head dimension. Each query's arithmetic is the same whatever the number of queries in the call.
+void attention_rows(const AttentionArgs& a, int64_t b, int64_t h, std::vector<float>& scores) {
+    const int64_t past = a.T - a.n, vectors = a.D / VW;
+    const int lanes = (int)(a.D % VW);
+    const float *k = a.k_at(b, h), *v = a.v_at(b, h);
+    for (int64_t i = 0; i < a.n; ++i) {
+        const float* q = a.q_at(b, h) + i * a.q_n;
+        const int64_t keys = past + i + 1, padded = (keys + VW - 1) / VW * VW;
+        if ((int64_t)scores.size() < padded) scores.resize(padded);
+        float* s = scores.data();
+        for (int64_t j = 0; j < keys; ++j) {
+            const float* key = k + j * a.k_t;
+            vfloat acc = vzero();
+            for (int64_t x = 0; x < vectors; ++x) acc = vfma(vload_x(q + x * VW), vload_x(key + x * VW), acc);
+            if (lanes) acc = vfma(vload_x_tail(q + vectors * VW, lanes), vload_x_tail(key + vectors * VW, lanes), acc);
+            s[j] = a.key_ok(b, j) || j == keys - 1 ? vsum(acc) * a.scale : -INFINITY;
+        }
+        for (int64_t j = keys; j < padded; ++j) s[j] = -INFINITY;
+        vfloat top = vset1(-INFINITY);
+        for (int64_t j = 0; j < padded; j += VW) top = vmax(top, vload_x(s + j));
+        const vfloat most = vset1(vmax_lanes(top));
+        vfloat total = vzero();
+        for (int64_t j = 0; j < padded; j += VW) {
+            const vfloat e = vexp_nonpositive(vsub(vload_x(s + j), most));
+            vstore(s + j, e);
+            total = vadd(total, e);
+        }
+        const float inverse = 1.0f / vsum(total);
+        weighted_values_all<1>(a, s, 1, keys, v, &inverse, a.out_at(b, i, h));
+    }
+}
+
+// Many queries (prompts): QUERY_VECTORS vectors of queries side by side in the lanes, so the scores of one key for
+// VW queries are one FMA chain over the head dimension, and the softmax runs down the keys lane by lane.
+#if PHI_AVX512
+constexpr int QUERY_VECTORS = 4, KEYS_AT_ONCE = 6, QUERIES_AT_ONCE = 6;
+#else
+constexpr int QUERY_VECTORS = 2, KEYS_AT_ONCE = 4, QUERIES_AT_ONCE = 3;
+#endif
+constexpr int64_t QUERY_BLOCK = QUERY_VECTORS * VW;
+
+// scores[c * QUERY_BLOCK + query] for C keys (rows of k), from the transposed queries qt[d * QUERY_BLOCK + query]
+template <int C>
+inline void key_scores(const float* qt, const float* k, int64_t k_t, int64_t D, float* scores) {
+    vfloat acc[QUERY_VECTORS][C];
+    for (int x = 0; x < QUERY_VECTORS; ++x)
+        for (int c = 0; c < C; ++c) acc[x][c] = vzero();
+    for (int64_t d = 0; d < D; ++d) {
+        for (int x = 0; x < QUERY_VECTORS; ++x) {
+            const vfloat queries = vload_x(qt + d * QUERY_BLOCK + x * VW);
+            for (int c = 0; c < C; ++c) acc[x][c] = vfma(queries, vset1(k[c * k_t + d]), acc[x][c]);
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int x = 0; x < QUERY_VECTORS; ++x) vstore(scores + c * QUERY_BLOCK + x * VW, acc[x][c]);
+}
+
+struct BlockScratch {
+    std::vector<float> qt, scores, inverse;
+};
+
+void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, BlockScratch& scratch) {
+    const int64_t rows = std::min(QUERY_BLOCK, a.n - i0), past = a.T - a.n, keys = past + i0 + rows;
+    scratch.qt.assign(a.D * QUERY_BLOCK, 0.0f);
+    if ((int64_t)scratch.scores.size() < keys * QUERY_BLOCK) scratch.scores.resize(keys * QUERY_BLOCK);
+    scratch.inverse.resize(QUERY_BLOCK);
+    float *qt = scratch.qt.data(), *s = scratch.scores.data(), *inverse = scratch.inverse.data();
+    const float *q = a.q_at(b, h) + i0 * a.q_n, *k = a.k_at(b, h), *v = a.v_at(b, h);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < a.D; ++d) qt[d * QUERY_BLOCK + r] = q[r * a.q_n + d] * a.scale;
+    int64_t j = 0;
+    for (; j + KEYS_AT_ONCE <= keys; j += KEYS_AT_ONCE)
+        key_scores<KEYS_AT_ONCE>(qt, k + j * a.k_t, a.k_t, a.D, s + j * QUERY_BLOCK);
+    with_rows<KEYS_AT_ONCE>(keys - j, [&](auto c) {
+        key_scores<decltype(c)::value>(qt, k + j * a.k_t, a.k_t, a.D, s + j * QUERY_BLOCK);
+    });
+    // Lane l of vector x is query i0 + x * VW + l, which sees key j from j - past on (a padding key: only itself).
+    const int64_t from = a.key_valid ? 0 : past + i0;
+    for (int64_t key = from; key < keys; ++key) {
+        const bool ok = a.key_ok(b, key);
+        for (int x = 0; x < QUERY_VECTORS; ++x) {
+            float* lanes = s + key * QUERY_BLOCK + x * VW;
+            const int64_t first = key - past - i0 - x * VW;
+            vstore(lanes, ok ? vmask_below(vload_x(lanes), first) : vkeep_lane(vload_x(lanes), first));
+        }
+    }
+    for (int x = 0; x < QUERY_VECTORS; ++x) {
+        vfloat top = vset1(-INFINITY), total = vzero();
+        for (int64_t key = 0; key < keys; ++key) top = vmax(top, vload_x(s + key * QUERY_BLOCK + x * VW));
+        for (int64_t key = 0; key < keys; ++key) {
+            float* lanes = s + key * QUERY_BLOCK + x * VW;
+            const vfloat e = vexp_nonpositive(vsub(vload_x(lanes), top));
+            vstore(lanes, e);
+            total = vadd(total, e);
+        }
+        vstore(inverse + x * VW, vdiv(vset1(1.0f), total));
+    }
+    // Queries r0.. of the block see keys up to past + i0 + r0 + R - 1 at most (later ones have weight 0).
+    int64_t r0 = 0;
+    for (; r0 + QUERIES_AT_ONCE <= rows; r0 += QUERIES_AT_ONCE)
+        weighted_values_all<QUERIES_AT_ONCE>(a, s + r0, QUERY_BLOCK, past + i0 + r0 + QUERIES_AT_ONCE, v, inverse + r0,
+                                             a.out_at(b, i0 + r0, h));
+    with_rows<QUERIES_AT_ONCE>(rows - r0, [&](auto r) {
+        constexpr int R = decltype(r)::value;
+        weighted_values_all<R>(a, s + r0, QUERY_BLOCK, past + i0 + r0 + R, v, inverse + r0, a.out_at(b, i0 + r0, h));
+    });
+}
+
+// Calls with fewer queries than this take attention_rows at every level, so that a check of up to 15 proposed
+// tokens computes each query exactly as a one-token step does.
+constexpr int64_t ROW_QUERIES = 16;
+
+void attention(const AttentionArgs& a, int64_t B, int nthreads) {
+    const bool many = a.n >= ROW_QUERIES;
+    const int64_t blocks = many ? (a.n + QUERY_BLOCK - 1) / QUERY_BLOCK : 1, units = B * a.H * blocks;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && units > 1)
+    {
+        // kept per thread between calls: a prompt piece's scores are hundreds of KB, fresh pages every call otherwise
+        thread_local std::vector<float> scores;
+        thread_local BlockScratch scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; ++u) {
+            const int64_t b = u / (a.H * blocks), h = u / blocks % a.H, block = u % blocks;
+            if (many)
+                attention_block(a, b, h, block * QUERY_BLOCK, scratch);
+            else
+                attention_rows(a, b, h, scores);
+        }
+    }
+}
+
+// gelu_new, x * (1 + tanh(u)) / 2 with u = sqrt(2 / pi) * (x + 0.044715 x^3), in place. With t = exp(-2 |u|),
+// (1 + tanh(u)) / 2 is 1 / (1 + t) for u >= 0 and t / (1 + t) below: no overflow, and no cancellation in the
+// negative tail (where 1 + tanh(u) computed directly loses the digits of a tiny result).
+inline vfloat gelu_tanh(vfloat x) {
+    const vfloat u = vmul(vset1(0.7978845608f), vfma(vmul(vset1(0.044715f), vmul(x, x)), x, x));
+#if PHI_AVX512
+    const vfloat t = vexp_nonpositive(vmul(vset1(-2.0f), _mm512_abs_ps(u)));
+    const vfloat numerator = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, vzero(), _CMP_LT_OQ), vset1(1.0f), t);
+#else
+    const vfloat t = vexp_nonpositive(vmul(vset1(-2.0f), _mm256_andnot_ps(vset1(-0.0f), u)));
+    const vfloat numerator = _mm256_blendv_ps(vset1(1.0f), t, _mm256_cmp_ps(u, vzero(), _CMP_LT_OQ));
+#endif
+    return vdiv(vmul(x, numerator), vadd(vset1(1.0f), t));
+}
+
+void gelu_tanh_inplace(float* x, int64_t count, int nthreads) {
+    constexpr int64_t CHUNK = 1 << 14;
+    const int64_t chunks = (count + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t end = std::min(count, (c + 1) * CHUNK);
+        int64_t i = c * CHUNK;
+        for (; i + VW <= end; i += VW) vstore(x + i, gelu_tanh(vload_x(x + i)));
+        if (i < end) {
+            float tail[VW] = {0};
+            memcpy(tail, x + i, (end - i) * sizeof(float));
+            vstore(tail, gelu_tanh(vload_x(tail)));
+            memcpy(x + i, tail, (end - i) * sizeof(float));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -841,5 +1153,19 @@ PHI_PRODUCT(phi_linear_f16) { float_product<F16>(x, M, K, (const uint16_t*)w, N,
 #endif
 PHI_PRODUCT(phi_linear_q8) { int_product<false>(x, M, K, (const uint8_t*)w, scales, QBLOCK, N, bias, y, nthreads); }
 PHI_PRODUCT(phi_linear_q4) { int_product<true>(x, M, K, (const uint8_t*)w, scales, group, N, bias, y, nthreads); }
+
+// out (B, n, H, D) = attention of q (B, H, n, D) over k, v (B, KVH, T, D), the last n of T positions being the
+// queries'; strides in elements (the head dimension contiguous); key_valid (B, T) bytes or null.
+void phi_attention(const float* q, const float* k, const float* v, const int64_t* strides, const uint8_t* key_valid,
+                   int64_t B, int64_t H, int64_t KVH, int64_t n, int64_t T, int64_t D, float scale, float* out,
+                   int nthreads) {
+    const AttentionArgs a{q, k, v, strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
+                          strides[6], strides[7], strides[8], key_valid, H, H / KVH, n, T, D, scale, out};
+    attention(a, B, nthreads);
+}
+
+int phi_vector_width() { return VW; }
+
+void phi_gelu_tanh(float* x, int64_t count, int nthreads) { gelu_tanh_inplace(x, count, nthreads); }
 
 }  // extern "C"
