@@ -267,8 +267,9 @@ class Kernels:
         )
         return out.view(*x.shape[:-1], out_features)
 
-
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Causal attention of float32 queries (batch, heads, new, head_dim) over keys and values (batch, kv_heads,
         total, head_dim), the queries being the last ``new`` positions; ``key_valid`` (batch, total) marks real keys
         (a padding key is seen only by its own position). Returns (batch, new, heads * head_dim), or None where the
