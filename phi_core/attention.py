@@ -3,6 +3,11 @@
 Each backend takes queries (batch, heads, new, head_dim), keys and values (batch, kv_heads, total, head_dim)
 and an :class:`AttentionMask`, and returns (batch, new, heads * head_dim). A backend that cannot run with the
 requested device and dtype is an error at load time, never a silent fallback.
+
+On a CPU, an inference model computing in float32 serves ``sdpa`` with phi_core's compiled attention
+(:meth:`phi_core.kernels.Kernels.attention`, bound by ``PhiPreTrained.use_cpu_kernels``): the same causal and
+padding masks, 2-3x torch's CPU flash attention on prompt pieces and without its ~40 us a call when decoding.
+:func:`sdpa_attention` below serves everything else.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, attention_function, check_backend
+from phi_core.attention import ATTENTION_BACKENDS, AttentionMask, check_backend
 from phi_core.bench_models import (
     SHAPES,
     our_generation,
@@ -110,10 +110,10 @@ def time_runs(
     return seconds, reported, peak_memory(device)
 
 
-def attention_seconds(
-    config: PhiConfig, backend: str, batch: int, seq_len: int, dtype: torch.dtype, device: str, repeats: int
-) -> float:
-    """Median seconds of the attention alone (all layers) for one prefill: the part backends change."""
+def attention_seconds(model: PhiForCausalLM, batch: int, seq_len: int, device: str, repeats: int) -> float:
+    """Median seconds of the attention alone (all layers) for one prefill, as the model's layers compute it (its
+    backend, or phi_core's compiled attention where that serves it): the part backends change."""
+    config, dtype = model.config, model.compute_dtype
     generator = torch.Generator(device=device).manual_seed(1)
     shape = (batch, config.num_attention_heads, seq_len, config.head_dim)
     kv_shape = (batch, config.num_key_value_heads, seq_len, config.head_dim)
@@ -121,7 +121,7 @@ def attention_seconds(
     k = torch.randn(kv_shape, generator=generator, device=device, dtype=dtype)
     v = torch.randn(kv_shape, generator=generator, device=device, dtype=dtype)
     mask = AttentionMask(key_valid=None, new=seq_len, total=seq_len, device=torch.device(device))
-    attend = attention_function(backend)
+    attend = model.model.layers[0].self_attn.attend
     seconds, _, _ = time_runs(lambda: attend(q, k, v, mask), device, warmup=1, repeats=repeats)
     return statistics.median(seconds) * config.num_hidden_layers
 
@@ -200,9 +200,7 @@ def _measure_ours(
         row.seconds, decode, row.peak_memory_bytes = time_runs(run, settings.device, settings.warmup, settings.repeats)
     row.tokens = _tokens_per_run(ids, settings)
     if settings.mode == "forward":
-        row.attention_seconds = attention_seconds(
-            model.config, backend, ids.shape[0], ids.shape[1], model.compute_dtype, settings.device, settings.repeats
-        )
+        row.attention_seconds = attention_seconds(model, ids.shape[0], ids.shape[1], settings.device, settings.repeats)
     else:
         _record_decode(row, decode, model, settings)
     return row

@@ -111,8 +111,13 @@ class PhiAttention(DirectCall, nn.Module):
         q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(x, rotary))  # to (batch, heads, new, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+        return self.dense(self.attend(q, k, v, mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """Attention of rotated queries (batch, heads, new, head_dim) over all keys and values as this layer computes
+        it: the compiled kernel where one is bound and applies, else the backend. (batch, new, heads * head_dim)."""
         out = None if self.kernels is None else self.kernels.attention(q, k, v, mask.key_valid)
-        return self.dense(attention_function(self.backend)(q, k, v, mask) if out is None else out)
+        return attention_function(self.backend)(q, k, v, mask) if out is None else out
 
     def _rotated_qkv(self, x: torch.Tensor, rotary: Rotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim)."""
