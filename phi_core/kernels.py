@@ -424,14 +424,31 @@ def _remove_stale(level: Level, *current: Path) -> None:
                 path.unlink()
 
 
+def attention_in_float64(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """What :meth:`Kernels.attention` computes, in float64 with torch's own operations (its reference)."""
+    batch, heads, new, dim = q.shape
+    total = k.shape[2]
+    k, v = (t.repeat_interleave(heads // k.shape[1], dim=1).double() for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(dim)
+    query_pos, key_pos = torch.arange(total - new, total)[:, None], torch.arange(total)[None, :]
+    allowed = (key_pos <= query_pos).expand(batch, 1, new, total)
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, None, :]) | (key_pos == query_pos)
+    probs = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+    return (probs @ v).transpose(1, 2).reshape(batch, new, heads * dim)
+
+
 def self_test(kernels: Kernels) -> None:
-    """Every product of ``kernels`` on a small odd shape against float64: an AssertionError if one is wrong."""
+    """Every product, the attention and GELU of ``kernels`` on small odd shapes against float64: an AssertionError
+    if one is wrong."""
     if kernels.lib.phi_kernels_level() != _LEVEL_IDS[kernels.level]:
         raise AssertionError("library built for another level")
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 70, generator=generator)
     bias = torch.randn(37, generator=generator)
-    for rows in (3, ROUNDED_ROWS + 3):  # the few-row products and the many-row ones
+    for rows in (3, 8, ROUNDED_ROWS + 3):  # the few-row products, the eight-row ones and the many-row ones
         x = torch.randn(rows, 70, generator=generator)
         for kind in KINDS:
             packed, exact, group = pack(kind, weight)
@@ -442,6 +459,17 @@ def self_test(kernels: Kernels) -> None:
             tolerance = 1e-4 if kind in ("f32", "bf16", "f16") else 0.05  # the integer ones round the activations
             if not (got - expected).abs().max() <= tolerance * expected.abs().max():
                 raise AssertionError(f"{kind} product wrong")
+    k, v = torch.randn(2, 2, 2, 40, 24, generator=generator)  # grouped: 4 query heads over 2, head size 24
+    key_valid = torch.rand(2, 40, generator=generator) > 0.3
+    for new in (3, 20):  # one query at a time, and blocks of queries
+        q = torch.randn(2, 4, new, 24, generator=generator)
+        got = kernels.attention(q, k, v, key_valid)
+        if got is None or not (got.double() - attention_in_float64(q, k, v, key_valid)).abs().max() <= 1e-5:
+            raise AssertionError("attention wrong")
+    x = torch.linspace(-12, 12, 99)
+    expected = F.gelu(x.double(), approximate="tanh")
+    if not (kernels.gelu_tanh_(x.clone()).double() - expected).abs().max() <= 1e-6:
+        raise AssertionError("GELU wrong")
 
 
 # Memory for the weights ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 import phi_core.linear
 from phi_core import kernels
-from phi_core.kernels import CHOICES, FALLBACK, KINDS, CpuInfo
+from phi_core.kernels import CHOICES, FALLBACK, KINDS, CpuInfo, attention_in_float64
 from phi_core.linear import PhiLinear
 from phi_core.precision import choose_precision
 
@@ -278,20 +278,6 @@ def test_kernels_against_float64(kind, rows, out_features, in_features):
         got = kernels.library(level).linear(kind, x, packed, bias, out_features, group).double()
         scale = expected.abs().max() + 1
         assert (got - expected).abs().max() <= 2e-5 * scale, (level, kind)
-
-
-def attention_in_float64(q, k, v, key_valid):
-    """Causal attention with padding keys masked (each query still sees itself), as AttentionMask.allowed says."""
-    batch, heads, new, dim = q.shape
-    total = k.shape[2]
-    k, v = (t.repeat_interleave(heads // k.shape[1], dim=1).double() for t in (k, v))
-    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(dim)
-    query_pos, key_pos = torch.arange(total - new, total)[:, None], torch.arange(total)[None, :]
-    allowed = (key_pos <= query_pos).expand(batch, 1, new, total)
-    if key_valid is not None:
-        allowed = (allowed & key_valid[:, None, None, :]) | (key_pos == query_pos)
-    probs = scores.masked_fill(~allowed, -math.inf).softmax(-1)
-    return (probs @ v).transpose(1, 2).reshape(batch, new, heads * dim)
 
 
 # (batch, heads, kv_heads, new, total, head_dim): one decode step; a check of proposed tokens; grouped kv heads;
