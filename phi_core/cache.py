@@ -43,7 +43,19 @@ class KVCache:
         stored_keys, stored_values = self.keys[layer], self.values[layer]
         stored_keys.narrow(2, self.length, new).copy_(keys)
         stored_values.narrow(2, self.length, new).copy_(values)
-        return stored_keys.narrow(2, 0, end), stored_values.narrow(2, 0, end)
+        return self.written(layer, new)
+
+    def slots(self, layer: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value tensors of ``layer``, for a writer that puts ``new`` positions at ``length`` on
+        itself (then :meth:`written` gives what :meth:`update` returns); raises if they would not fit."""
+        if self.length + new > self.max_length:
+            raise PhiError(f"KV cache holds {self.max_length} positions; {self.length + new} were asked for")
+        return self.keys[layer], self.values[layer]
+
+    def written(self, layer: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys and values of ``layer`` up to ``length + new`` (after a write of ``new`` positions)."""
+        end = self.length + new
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
     def advance(self, count: int) -> None:
         """Mark ``count`` more positions as written (called once per forward pass, after every layer)."""

@@ -231,6 +231,8 @@ class Kernels:
         lib.phi_kernels_level.restype = ctypes.c_int
         lib.phi_attention.argtypes = [pointer] * 5 + [size] * 6 + [ctypes.c_float, pointer, ctypes.c_int]
         lib.phi_attention.restype = None
+        lib.phi_rotate_into_cache.argtypes = [pointer] + [size] * 6 + [pointer] * 6 + [size, ctypes.c_int]
+        lib.phi_rotate_into_cache.restype = None
         lib.phi_gelu_tanh.argtypes = [pointer, size, ctypes.c_int]
         lib.phi_gelu_tanh.restype = None
         lib.phi_vector_width.restype = ctypes.c_int
@@ -303,6 +305,53 @@ class Kernels:
             torch.get_num_threads(),
         )
         return out
+
+    def rotate_into_cache(
+        self,
+        projected: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rotary_dim: int,
+        heads: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor | None:
+        """Rotated queries (batch, heads, new, head_dim) from a fused q/k/v projection (batch, new, (heads + 2 *
+        kv_heads) * head_dim); its rotated keys and its values are written into ``keys`` and ``values`` (batch,
+        kv_heads, max_length, head_dim) at positions ``start`` on. ``cos`` and ``sin`` (batch, new, 1, head_dim) as
+        :class:`phi_core.rotary.Rotation` holds them. None, with nothing written, where the kernel does not apply."""
+        batch, new, width = projected.shape
+        kv_heads, dim = keys.shape[1], keys.shape[3]
+        if width != (heads + 2 * kv_heads) * dim or keys.stride() != values.stride() or keys.stride(-1) != 1:
+            return None
+        tensors = (projected, cos, sin, keys, values)
+        if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors) or values.shape != keys.shape:
+            return None
+        if not (projected.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        if cos.numel() != batch * new * dim or sin.numel() != cos.numel() or start + new > keys.shape[2]:
+            return None
+        q = torch.empty(batch, heads, new, dim)
+        strides = (ctypes.c_int64 * 3)(*keys.stride()[:3])
+        self.lib.phi_rotate_into_cache(
+            projected.data_ptr(),
+            batch,
+            new,
+            heads,
+            kv_heads,
+            dim,
+            rotary_dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            q.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            ctypes.addressof(strides),
+            start,
+            torch.get_num_threads(),
+        )
+        return q
 
     def gelu_tanh_(self, x: torch.Tensor) -> torch.Tensor:
         """GELU's tanh form (Phi's ``gelu_new``) of a contiguous float32 tensor, in place."""

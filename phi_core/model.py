@@ -108,6 +108,16 @@ class PhiAttention(DirectCall, nn.Module):
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
+        if cache is not None and self.kernels is not None and self.qkv_proj is not None and not self.qk_layernorm:
+            # the compiled rotation writes keys and values straight into the cache
+            new = x.shape[1]
+            keys, values = cache.slots(self.layer_index, new)
+            q = self.kernels.rotate_into_cache(
+                self.qkv_proj(x), rotary.cos, rotary.sin, rotary.rotary_dim, self.num_heads, keys, values, cache.length
+            )
+            if q is not None:
+                k, v = cache.written(self.layer_index, new)
+                return self.dense(self.attend(q, k, v, mask))
         q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(x, rotary))  # to (batch, heads, new, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)

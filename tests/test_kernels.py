@@ -474,3 +474,66 @@ def test_inference_models_take_attention_and_gelu_from_the_kernels(make_checkpoi
     assert layer.self_attn.kernels is None and layer.mlp.kernels is not None
     trainable = phi_core.load_model(folder, prepare=False).model.layers[0]
     assert trainable.self_attn.kernels is None and trainable.mlp.kernels is None
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "rotary_dim"), [(4, 4, 16, 8), (8, 2, 20, 8), (2, 2, 32, 32)])
+def test_rotation_into_the_cache_matches_the_python_rotation(heads, kv_heads, dim, rotary_dim):
+    """Queries returned and keys/values written at the cache's next positions as apply_rotary and KVCache.update
+    would give them, with per-row positions, partial rotary and grouped heads, into a cache that is a row slice of a
+    larger one (as the engine's first_rows hands out)."""
+    if not COMPILED:
+        pytest.skip(kernels.kernel_status())
+    from phi_core.config import PhiConfig
+    from phi_core.rotary import apply_rotary, rotary_angles
+
+    config = PhiConfig.from_hf_dict(
+        {
+            "hidden_size": heads * dim,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "partial_rotary_factor": rotary_dim / dim,
+            "vocab_size": 10,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+        }
+    )
+    generator = torch.Generator().manual_seed(heads + dim)
+    batch, new, start = 3, 5, 7
+    projected = torch.randn(batch, new, (heads + 2 * kv_heads) * dim, generator=generator)
+    positions = torch.arange(new)[None, :] + torch.tensor([[2], [9], [0]])
+    rotation = rotary_angles(config, positions, 40)
+    qk = apply_rotary(projected[..., : (heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim), rotation)
+    values = projected[..., (heads + kv_heads) * dim :].view(batch, new, kv_heads, dim)
+    for level in COMPILED:
+        stored_keys = torch.randn(batch + 1, kv_heads, 20, dim, generator=generator)
+        stored_values = torch.randn(batch + 1, kv_heads, 20, dim, generator=generator)
+        keys_before, values_before = stored_keys.clone(), stored_values.clone()
+        q = kernels.library(level).rotate_into_cache(
+            projected,
+            rotation.cos,
+            rotation.sin,
+            rotation.rotary_dim,
+            heads,
+            stored_keys[:batch],
+            stored_values[:batch],
+            start,
+        )
+        assert q is not None
+        torch.testing.assert_close(q, qk[:, :, :heads].transpose(1, 2), atol=1e-6, rtol=1e-6)
+        window = slice(start, start + new)
+        torch.testing.assert_close(
+            stored_keys[:batch, :, window], qk[:, :, heads:].transpose(1, 2), atol=1e-6, rtol=1e-6
+        )
+        assert torch.equal(stored_values[:batch, :, window], values.transpose(1, 2))
+        outside = torch.ones(20, dtype=torch.bool)
+        outside[window] = False
+        assert torch.equal(stored_keys[:, :, outside], keys_before[:, :, outside])
+        assert torch.equal(stored_keys[batch], keys_before[batch]) and torch.equal(
+            stored_values[batch], values_before[batch]
+        )
+        assert (
+            kernels.library(level).rotate_into_cache(
+                projected, rotation.cos, rotation.sin, rotation.rotary_dim, heads, stored_keys, stored_values, 16
+            )
+            is None
+        )  # would run past the cache's end

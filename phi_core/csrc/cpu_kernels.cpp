@@ -1151,6 +1151,32 @@ void attention(const AttentionArgs& a, int64_t B, int nthreads) {
     }
 }
 
+// Queries and keys rotated out of the fused q/k/v projection (B, n, (H + 2 KVH) * D), rotate-half over the first
+// `rotary` channels of each head (cos and sin (B, n, D) per position, sin carrying the sign, 1 and 0 beyond):
+// queries into q (B, H, n, D), keys and values into the cache's positions start.. (element strides b, h, t). One
+// call instead of the slices, products, transposes and copies of a decoding step's rotation and cache write.
+void rotate_into_cache(const float* projected, int64_t B, int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t rotary,
+                       const float* cos, const float* sin, float* q, float* keys, float* values, const int64_t* strides,
+                       int64_t start, int nthreads) {
+    const int64_t half = rotary / 2, width = (H + 2 * KVH) * D;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && B * n > 8)
+    for (int64_t row = 0; row < B * n; ++row) {
+        const int64_t b = row / n, i = row % n;
+        const float *x0 = projected + row * width, *c = cos + row * D, *s = sin + row * D;
+        for (int64_t h = 0; h < H + KVH; ++h) {
+            const float* x = x0 + h * D;
+            float* out = h < H ? q + ((b * H + h) * n + i) * D
+                               : keys + b * strides[0] + (h - H) * strides[1] + (start + i) * strides[2];
+            for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] + x[d + half] * s[d];
+            for (int64_t d = half; d < rotary; ++d) out[d] = x[d] * c[d] + x[d - half] * s[d];
+            for (int64_t d = rotary; d < D; ++d) out[d] = x[d];
+        }
+        for (int64_t h = 0; h < KVH; ++h)
+            memcpy(values + b * strides[0] + h * strides[1] + (start + i) * strides[2], x0 + (H + KVH + h) * D,
+                   D * sizeof(float));
+    }
+}
+
 // gelu_new, x * (1 + tanh(u)) / 2 with u = sqrt(2 / pi) * (x + 0.044715 x^3), in place. With t = exp(-2 |u|),
 // (1 + tanh(u)) / 2 is 1 / (1 + t) for u >= 0 and t / (1 + t) below: no overflow, and no cancellation in the
 // negative tail (where 1 + tanh(u) computed directly loses the digits of a tiny result).
@@ -1222,6 +1248,12 @@ void phi_attention(const float* q, const float* k, const float* v, const int64_t
     const AttentionArgs a{q, k, v, strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
                           strides[6], strides[7], strides[8], key_valid, H, H / KVH, n, T, D, scale, out};
     attention(a, B, nthreads);
+}
+
+void phi_rotate_into_cache(const float* projected, int64_t B, int64_t n, int64_t H, int64_t KVH, int64_t D,
+                           int64_t rotary, const float* cos, const float* sin, float* q, float* keys, float* values,
+                           const int64_t* strides, int64_t start, int nthreads) {
+    rotate_into_cache(projected, B, n, H, KVH, D, rotary, cos, sin, q, keys, values, strides, start, nthreads);
 }
 
 int phi_vector_width() { return VW; }
