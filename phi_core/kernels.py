@@ -235,8 +235,6 @@ class Kernels:
         lib.phi_rotate_into_cache.restype = None
         lib.phi_gelu_tanh.argtypes = [pointer, size, ctypes.c_int]
         lib.phi_gelu_tanh.restype = None
-        lib.phi_vector_width.restype = ctypes.c_int
-        self.vector_width = lib.phi_vector_width()
         self.lib = lib
 
     def linear(

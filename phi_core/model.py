@@ -108,17 +108,19 @@ class PhiAttention(DirectCall, nn.Module):
         mask: AttentionMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        if cache is not None and self.kernels is not None and self.qkv_proj is not None and not self.qk_layernorm:
+        projected = self._projected(x)
+        if cache is not None and self.kernels is not None and not self.qk_layernorm:
             # the compiled rotation writes keys and values straight into the cache
             new = x.shape[1]
             keys, values = cache.slots(self.layer_index, new)
             q = self.kernels.rotate_into_cache(
-                self.qkv_proj(x), rotary.cos, rotary.sin, rotary.rotary_dim, self.num_heads, keys, values, cache.length
+                projected, rotary.cos, rotary.sin, rotary.rotary_dim, self.num_heads, keys, values, cache.length
             )
             if q is not None:
                 k, v = cache.written(self.layer_index, new)
                 return self.dense(self.attend(q, k, v, mask))
-        q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(x, rotary))  # to (batch, heads, new, head_dim)
+        # to (batch, heads, new, head_dim)
+        q, k, v = (t.transpose(1, 2) for t in self._rotated_qkv(projected, rotary))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         return self.dense(self.attend(q, k, v, mask))
@@ -129,14 +131,19 @@ class PhiAttention(DirectCall, nn.Module):
         out = None if self.kernels is None else self.kernels.attention(q, k, v, mask.key_valid)
         return attention_function(self.backend)(q, k, v, mask) if out is None else out
 
-    def _rotated_qkv(self, x: torch.Tensor, rotary: Rotation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim)."""
-        batch, new, _ = x.shape
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values side by side, (batch, new, (heads + 2 * kv_heads) * head_dim)."""
         if self.qkv_proj is not None:
-            projected = self.qkv_proj(x)
-        else:
-            projected = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+            return self.qkv_proj(x)
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+
+    def _rotated_qkv(
+        self, projected: torch.Tensor, rotary: Rotation
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (batch, new, heads, head_dim) and keys, and values (batch, new, kv_heads, head_dim), from
+        the projection."""
+        batch, new, _ = projected.shape
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         # Queries and keys sit side by side, heads + kv_heads head-sized slots: one rotation covers both.
         qk = projected[..., : (heads + kv_heads) * dim].view(batch, new, heads + kv_heads, dim)
         if self.qk_layernorm:

@@ -251,11 +251,19 @@ inline void float_row(const float* x, int64_t K, const typename L::T* row, float
     }
 }
 
+// Where activation row m's inputs k..k+VW-1 lie: in place (rows K apart), or interleaved vector by vector
+// (interleave_rows8). k is a multiple of VW wherever it is asked.
+struct Activations {
+    const float* x;
+    int64_t row, vector;  // floats from one row to the next, and from one VW-vector of a row to its next
+    const float* at(int64_t m, int64_t k) const { return x + m * row + k / VW * vector; }
+};
+inline Activations in_place(const float* x, int64_t K) { return {x, K, VW}; }
+
 // R weight rows times MC activation rows over inputs [k0, k1), added to y (R * MC accumulators, each weight vector
 // used MC times, each activation vector R times): the many-row product, whose weights come from L2.
 template <class L, int R, int MC>
-inline void float_block(const float* x, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y,
-                        int64_t N) {
+inline void float_block(Activations x, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y, int64_t N) {
     vfloat acc[R][MC];
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < MC; ++m) acc[r][m] = vzero();
@@ -266,7 +274,7 @@ inline void float_block(const float* x, int64_t K, int64_t k0, int64_t k1, const
         if (k % LINE == 0)
             for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
         vfloat xv[MC];
-        for (int m = 0; m < MC; ++m) xv[m] = vload_x(x + m * K + k);
+        for (int m = 0; m < MC; ++m) xv[m] = vload_x(x.at(m, k));
         for (int r = 0; r < R; ++r) {
             const vfloat wv = L::load(w + r * K + k);
             for (int m = 0; m < MC; ++m) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
@@ -276,7 +284,7 @@ inline void float_block(const float* x, int64_t K, int64_t k0, int64_t k1, const
         const int rest = (int)(k1 - k);
         for (int r = 0; r < R; ++r) {
             const vfloat wv = L::tail(w + r * K + k, rest);
-            for (int m = 0; m < MC; ++m) acc[r][m] = vfma(wv, vload_x_tail(x + m * K + k, rest), acc[r][m]);
+            for (int m = 0; m < MC; ++m) acc[r][m] = vfma(wv, vload_x_tail(x.at(m, k), rest), acc[r][m]);
         }
     }
     for (int r = 0; r < R; ++r)
@@ -309,24 +317,24 @@ void float_rows(const float* x, int64_t M, int64_t K, const typename L::T* w, in
                 // batched decoding: R weight rows stay in L1 across the few activation chunks
                 for (int64_t n = nb; n < whole; n += R) {
                     for (int64_t m = 0; m < full; m += MC)
-                        float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                        float_block<L, R, MC>(in_place(x + m * K, K), K, k0, k1, w + n * K, y + m * N + n, N);
                     with_rows<MC>(rest, [&](auto rows) {
-                        float_block<L, R, decltype(rows)::value>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N);
+                        float_block<L, R, decltype(rows)::value>(in_place(x + full * K, K), K, k0, k1, w + n * K, y + full * N + n, N);
                     });
                 }
             } else {
                 // prefill: MC activation rows stay in L1 across the batch of weight rows (which stays in L2)
                 for (int64_t m = 0; m < full; m += MC)
                     for (int64_t n = nb; n < whole; n += R)
-                        float_block<L, R, MC>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                        float_block<L, R, MC>(in_place(x + m * K, K), K, k0, k1, w + n * K, y + m * N + n, N);
                 for (int64_t n = nb; n < whole; n += R)
                     with_rows<MC>(rest, [&](auto rows) {
-                        float_block<L, R, decltype(rows)::value>(x + full * K, K, k0, k1, w + n * K, y + full * N + n, N);
+                        float_block<L, R, decltype(rows)::value>(in_place(x + full * K, K), K, k0, k1, w + n * K, y + full * N + n, N);
                     });
             }
             for (int64_t n = whole; n < ne; ++n)
                 for (int64_t m = 0; m < M; ++m)
-                    float_block<L, 1, 1>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                    float_block<L, 1, 1>(in_place(x + m * K, K), K, k0, k1, w + n * K, y + m * N + n, N);
         }
     }
 }
@@ -365,33 +373,6 @@ const float* interleave_rows8(const float* x, int64_t K) {
     return out;
 }
 
-// R weight rows times the eight interleaved activation rows over inputs [k0, k1), added to y.
-template <class L, int R>
-inline void float_block8(const float* xp, int64_t K, int64_t k0, int64_t k1, const typename L::T* w, float* y,
-                         int64_t N) {
-    vfloat acc[R][ROWS8];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < ROWS8; ++m) acc[r][m] = vzero();
-    constexpr int LINE = 64 / sizeof(typename L::T);
-    const float* xv = xp + (k0 / VW) * ROWS8 * VW;
-    int64_t k = k0;
-    for (; k + VW <= k1; k += VW, xv += ROWS8 * VW) {
-        if (k % LINE == 0)
-            for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
-        for (int r = 0; r < R; ++r) {
-            const vfloat wv = L::load(w + r * K + k);
-            for (int m = 0; m < ROWS8; ++m) acc[r][m] = vfma(wv, vload_x(xv + m * VW), acc[r][m]);
-        }
-    }
-    if (k < k1)  // the padded activations are zero beyond K
-        for (int r = 0; r < R; ++r) {
-            const vfloat wv = L::tail(w + r * K + k, (int)(k1 - k));
-            for (int m = 0; m < ROWS8; ++m) acc[r][m] = vfma(wv, vload_x(xv + m * VW), acc[r][m]);
-        }
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < ROWS8; ++m) y[m * N + r] += vsum(acc[r][m]);
-}
-
 template <class L>
 void float_rows8(const float* x, const float* xp, int64_t K, const typename L::T* w, int64_t n0, int64_t n1,
                  int64_t N, const float* bias, float* y) {
@@ -402,9 +383,9 @@ void float_rows8(const float* x, const float* xp, int64_t K, const typename L::T
         const int64_t ne = std::min(n1, nb + rows), pairs = nb + (ne - nb) / 2 * 2;
         for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
             const int64_t k1 = std::min(K, k0 + KBLOCK);
-            for (int64_t n = nb; n < pairs; n += 2) float_block8<L, 2>(xp, K, k0, k1, w + n * K, y + n, N);
+            for (int64_t n = nb; n < pairs; n += 2) float_block<L, 2, ROWS8>({xp, VW, ROWS8 * VW}, K, k0, k1, w + n * K, y + n, N);
             for (int64_t n = pairs; n < ne; ++n)
-                for (int64_t m = 0; m < ROWS8; ++m) float_block<L, 1, 1>(x + m * K, K, k0, k1, w + n * K, y + m * N + n, N);
+                for (int64_t m = 0; m < ROWS8; ++m) float_block<L, 1, 1>(in_place(x + m * K, K), K, k0, k1, w + n * K, y + m * N + n, N);
         }
     }
 }
@@ -896,21 +877,12 @@ inline vfloat vkeep_lane(vfloat x, int64_t lane) {
     const __mmask16 keep = lane >= 0 && lane < VW ? (__mmask16)(1u << lane) : 0;
     return _mm512_mask_blend_ps(keep, vset1(-INFINITY), x);
 }
-// exp(x) for x <= 0 (scores less their maximum); 0 below -86
-inline vfloat vexp_nonpositive(vfloat x) {
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, vset1(-86.0f), _CMP_LT_OQ);
-    x = vmax(x, vset1(-86.0f));
-    const vfloat n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    vfloat p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
-    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
-    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+inline vfloat vround(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm512_fnmadd_ps(a, b, c); }
+// p * 2^n for whole n, and 0 where x < limit
+inline vfloat vscale_or_zero(vfloat p, vfloat n, vfloat x, float limit) {
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, vset1(limit), _CMP_NLT_UQ);  // NaN stays NaN
+    return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));
 }
 #else
 inline vfloat vset1(float a) { return _mm256_set1_ps(a); }
@@ -939,12 +911,21 @@ inline vfloat vkeep_lane(vfloat x, int64_t lane) {
     const vfloat keep = _mm256_cmp_ps(lane_numbers(), vset1((float)std::max<int64_t>(-1, std::min<int64_t>(lane, VW))), _CMP_EQ_OQ);
     return _mm256_blendv_ps(vset1(-INFINITY), x, keep);
 }
+inline vfloat vround(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vfloat vscale_or_zero(vfloat p, vfloat n, vfloat x, float limit) {
+    // n added to the exponent (n >= -125 where kept, so the result stays a normal number)
+    const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    return _mm256_and_ps(_mm256_castsi256_ps(scaled), _mm256_cmp_ps(x, vset1(limit), _CMP_GE_OQ));
+}
+#endif
+
+// exp(x) for x <= 0 (scores less their maximum); 0 below -86. Cephes' single-precision polynomial on x - n ln 2.
 inline vfloat vexp_nonpositive(vfloat x) {
-    const vfloat kept = _mm256_cmp_ps(x, vset1(-86.0f), _CMP_GE_OQ);
-    x = vmax(x, vset1(-86.0f));
-    const vfloat n = _mm256_round_ps(vmul(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    const vfloat clamped = vmax(x, vset1(-86.0f));
+    const vfloat n = vround(vmul(clamped, vset1(1.44269504f)));
+    vfloat r = vfnma(n, vset1(0.693359375f), clamped);
+    r = vfnma(n, vset1(-2.12194440e-4f), r);
     vfloat p = vset1(1.9875691500e-4f);
     p = vfma(p, r, vset1(1.3981999507e-3f));
     p = vfma(p, r, vset1(8.3334519073e-3f));
@@ -952,11 +933,8 @@ inline vfloat vexp_nonpositive(vfloat x) {
     p = vfma(p, r, vset1(1.6666665459e-1f));
     p = vfma(p, r, vset1(5.0000001201e-1f));
     p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
-    // times 2^n: n added to the exponent (n >= -125 here, so the result stays a normal number)
-    const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-    return _mm256_and_ps(_mm256_castsi256_ps(scaled), kept);
+    return vscale_or_zero(p, n, x, -86.0f);
 }
-#endif
 
 struct AttentionArgs {
     const float *q, *k, *v;
@@ -1255,8 +1233,6 @@ void phi_rotate_into_cache(const float* projected, int64_t B, int64_t n, int64_t
                            const int64_t* strides, int64_t start, int nthreads) {
     rotate_into_cache(projected, B, n, H, KVH, D, rotary, cos, sin, q, keys, values, strides, start, nthreads);
 }
-
-int phi_vector_width() { return VW; }
 
 void phi_gelu_tanh(float* x, int64_t count, int nthreads) { gelu_tanh_inplace(x, count, nthreads); }
 
